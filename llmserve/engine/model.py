@@ -1,0 +1,246 @@
+"""Load and free a GGUF model and its llama.cpp context; tokenize; read metadata.
+
+Only the worker thread decodes on a LoadedModel's context. Tokenizing and detokenizing read the
+vocabulary only and are safe from other threads (llama-server tokenizes on its HTTP threads too).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from llmserve.errors import ModelLoadError
+
+log = logging.getLogger("llmserve.llama")
+
+GGUF_MAGIC = b"GGUF"
+
+# llama.cpp reports why a load failed only through its log. Keep the last lines so an error can
+# say more than "failed to load"; they are shown to the user, never parsed.
+_recent_errors: collections.deque[str] = collections.deque(maxlen=8)
+_log_levels = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if not message:
+        return
+    py_level = _log_levels.get(level, logging.DEBUG)
+    if py_level >= logging.ERROR:
+        _recent_errors.append(message)
+    log.log(py_level if py_level >= logging.WARNING else logging.DEBUG, "%s", message)
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def supports_gpu_offload() -> bool:
+    init_backend()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    init_backend()
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def check_gguf_file(path: str | os.PathLike[str]) -> Path:
+    """Fail early, with a clear message, on anything that is not a readable GGUF file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model file not found: {p}", param="model")
+    if p.is_dir():
+        raise ModelLoadError(f"{p} is a directory, not a .gguf model file", param="model")
+    try:
+        with p.open("rb") as f:
+            head = f.read(24)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {p}: {exc.strerror}", param="model") from exc
+    if head[:4] != GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{p} is not a GGUF file (it does not start with the GGUF magic bytes)", param="model"
+        )
+    if len(head) < 24:
+        raise ModelLoadError(f"{p} is truncated: the GGUF header is incomplete", param="model")
+    return p
+
+
+def _last_llama_error() -> str:
+    lines = [line for line in _recent_errors if line]
+    _recent_errors.clear()
+    return lines[-1] if lines else ""
+
+
+class LoadedModel:
+    """A llama.cpp model plus one context with ``n_parallel`` sequences (one per slot).
+
+    The KV cache is unified: all sequences share ``n_ctx`` cells, so one long chat may use the
+    whole context while the other slots are idle.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        n_ctx: int = 4096,
+        n_gpu_layers: int = -1,
+        n_threads: int | None = None,
+        n_parallel: int = 1,
+        n_batch: int = 512,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        init_backend()
+        self.path = check_gguf_file(path)
+        self._model: Any = None
+        self._ctx: Any = None
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        if progress is not None:
+
+            def _on_progress(fraction: float, _data: ctypes.c_void_p) -> bool:
+                progress(float(fraction))
+                return True
+
+            # Keep the ctypes thunk alive for the whole load.
+            self._progress_cb = llama_cpp.llama_progress_callback(_on_progress)
+            mparams.progress_callback = self._progress_cb
+        _recent_errors.clear()
+        model = llama_cpp.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
+        if not model:
+            detail = _last_llama_error()
+            raise ModelLoadError(
+                f"llama.cpp could not load {self.path}"
+                + (f": {detail}" if detail else " (corrupt, truncated or unsupported GGUF)"),
+                param="model",
+            )
+        self._model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        self.n_layer = int(llama_cpp.llama_model_n_layer(model))
+        self.n_params = int(llama_cpp.llama_model_n_params(model))
+        self.size_bytes = int(llama_cpp.llama_model_size(model))
+        self.n_gpu_layers = n_gpu_layers
+
+        threads = n_threads or os.cpu_count() or 1
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx if n_ctx > 0 else self.n_ctx_train
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_parallel
+        cparams.kv_unified = True
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            detail = _last_llama_error()
+            self.close()
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {self.path}"
+                + (f": {detail}" if detail else " (not enough memory?)"),
+                param="ctx_size",
+            )
+        self._ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        self.n_parallel = n_parallel
+        self.n_batch = n_batch
+        self.n_threads = threads
+        self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos_id = int(llama_cpp.llama_vocab_eos(self.vocab))
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def ctx(self) -> Any:
+        return self._ctx
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode("utf-8"), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self._model, key.encode("utf-8"), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self._model, buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        raw = llama_cpp.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), buf, capacity, add_special, parse_special
+        )
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
+        return list(buf[:n])
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        return b"".join(self.token_to_piece(t, special=special) for t in tokens).decode(
+            "utf-8", errors="replace"
+        )
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def is_valid_token(self, token: int) -> bool:
+        return 0 <= token < self.n_vocab

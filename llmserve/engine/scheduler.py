@@ -1,0 +1,331 @@
+"""The worker thread: slots, the decode loop, cancellation and prompt-prefix reuse.
+
+One thread owns the llama.cpp context; nothing else calls into it. Each step it admits waiting
+requests into free slots, builds ONE batch holding the next token of every generating slot plus
+a chunk of any prompt still being read, calls llama_decode once, then samples for every slot that
+produced logits (continuous batching; with one slot it is a plain serial loop).
+
+Requests wait in ``_pending`` (FIFO) until a slot frees up; the bound on how many may wait is
+admission's job, in front of this. Cancellation is a flag on the stream: the loop checks it every
+step, and while a prompt is being read llama.cpp's abort callback checks it between graph nodes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from llmserve.engine.model import LoadedModel
+from llmserve.engine.output_text import OutputText
+from llmserve.engine.sampling import Sampler
+from llmserve.engine.types import Finish, FinishReason, GenerationStream, Timings, TokenEvent
+
+log = logging.getLogger("llmserve.engine")
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class _Job:
+    stream: GenerationStream
+    prompt: list[int]
+    sampler: Sampler
+    output: OutputText
+    n_cached: int
+    # index into ``prompt`` of the next prompt token to feed
+    n_fed: int
+    t_start: float = field(default_factory=time.perf_counter)
+    t_prompt_done: float = 0.0
+    n_generated: int = 0
+    next_token: int | None = None
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    # tokens whose KV cells are in the cache for ``seq_id``, in position order
+    cached: list[int] = field(default_factory=list)
+    job: _Job | None = None
+    last_used: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.slots = [Slot(i) for i in range(model.n_parallel)]
+        self._pending: collections.deque[GenerationStream] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
+        # Only the slots being read may abort a decode, and only when all of them are cancelled.
+        self._abortable: list[_Job] = []
+        self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
+        self._no_abort_cb = llama_cpp.ggml_abort_callback()
+        self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop ----------------------------------------------------------
+
+    def submit(self, stream: GenerationStream) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("scheduler stopped")
+            self._pending.append(stream)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(1 for s in self.slots if s.job is not None)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def stop(self) -> None:
+        """Finish every request with "cancelled", stop the thread and free the batch."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+
+    # -- the worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if self._stopping:
+                        break
+                    self._admit()
+                    if not any(s.job for s in self.slots):
+                        self._cond.wait(timeout=0.5)
+                        continue
+                self._step()
+        except Exception:  # pragma: no cover - a bug; fail everything rather than hang clients
+            log.exception("engine loop crashed")
+            for slot in self.slots:
+                if slot.job:
+                    self._finish(slot, "error", error="the engine stopped unexpectedly")
+        finally:
+            with self._cond:
+                self._stopping = True
+                pending = list(self._pending)
+                self._pending.clear()
+            for stream in pending:
+                stream.push(Finish("cancelled", 0, 0))
+            for slot in self.slots:
+                if slot.job:
+                    self._finish(slot, "cancelled")
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (caller holds the lock)."""
+        while self._pending:
+            stream = self._pending[0]
+            if stream.cancelled:
+                self._pending.popleft()
+                stream.push(Finish("cancelled", len(stream.request.prompt_tokens), 0))
+                continue
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            self._pending.popleft()
+            prompt = list(stream.request.prompt_tokens)
+            # The free slot whose cache shares the longest prefix; ties go to the least
+            # recently used, so idle caches survive longest.
+            slot = max(free, key=lambda s: (common_prefix_len(s.cached, prompt), -s.last_used))
+            try:
+                self._start(slot, stream, prompt)
+            except Exception as exc:
+                log.exception("could not start a generation")
+                stream.push(Finish("error", len(prompt), 0, error=str(exc)))
+
+    def _start(self, slot: Slot, stream: GenerationStream, prompt: list[int]) -> None:
+        keep = common_prefix_len(slot.cached, prompt)
+        if keep == len(prompt):
+            keep -= 1  # the last prompt token must be decoded again to get its logits
+        if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(
+            self.model.memory, slot.seq_id, keep, -1
+        ):
+            # Some caches (recurrent models) cannot drop a tail: start the sequence over.
+            llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+            keep = 0
+        del slot.cached[keep:]
+        sampler = Sampler(stream.request.sampling, self.model)
+        sampler.accept_history(prompt[-max(stream.request.sampling.repeat_last_n, 0) :])
+        slot.job = _Job(
+            stream=stream,
+            prompt=prompt,
+            sampler=sampler,
+            output=OutputText(stream.request.stop),
+            n_cached=keep,
+            n_fed=keep,
+        )
+
+    def _should_abort(self, _data: Any) -> bool:
+        jobs = self._abortable
+        return bool(jobs) and all(j.stream.cancelled for j in jobs)
+
+    def _step(self) -> None:
+        for slot in self.slots:
+            if slot.job and slot.job.stream.cancelled:
+                self._finish(slot, "cancelled")
+        active = [s for s in self.slots if s.job]
+        if not active:
+            return
+
+        batch = self._batch
+        n = 0
+        # (slot, batch index of its logits or -1, tokens fed this step)
+        fed: list[tuple[Slot, int, list[int]]] = []
+        for slot in active:
+            job = slot.job
+            assert job is not None
+            if job.next_token is not None:
+                self._put(n, job.next_token, len(slot.cached), slot.seq_id, True)
+                fed.append((slot, n, [job.next_token]))
+                n += 1
+        reading: list[_Job] = []
+        for slot in active:
+            job = slot.job
+            assert job is not None
+            if job.next_token is not None or n >= self.model.n_batch:
+                continue
+            chunk = job.prompt[job.n_fed : job.n_fed + (self.model.n_batch - n)]
+            pos = len(slot.cached)
+            last = job.n_fed + len(chunk) == len(job.prompt)
+            for i, token in enumerate(chunk):
+                self._put(n + i, token, pos + i, slot.seq_id, last and i == len(chunk) - 1)
+            fed.append((slot, n + len(chunk) - 1 if last else -1, chunk))
+            reading.append(job)
+            n += len(chunk)
+        batch.n_tokens = n
+
+        if reading:
+            self._abortable = reading
+            llama_cpp.llama_set_abort_callback(self.model.ctx, self._abort_cb, None)
+        try:
+            rc = llama_cpp.llama_decode(self.model.ctx, batch)
+            if rc == 1:
+                # No room in the unified KV cache: give up idle slots' caches and try once more.
+                self._drop_idle_caches()
+                rc = llama_cpp.llama_decode(self.model.ctx, batch)
+        finally:
+            if reading:
+                llama_cpp.llama_set_abort_callback(self.model.ctx, self._no_abort_cb, None)
+                self._abortable = []
+
+        if rc != 0:
+            self._decode_failed(rc, fed)
+            return
+
+        now = time.perf_counter()
+        for slot, index, tokens in fed:
+            job = slot.job
+            assert job is not None
+            slot.cached.extend(tokens)
+            if job.next_token is None:
+                job.n_fed += len(tokens)
+            if index < 0:
+                continue
+            if job.next_token is None:
+                job.t_prompt_done = now
+            self._sample(slot, index)
+
+    def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b = self._batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = logits
+
+    def _sample(self, slot: Slot, index: int) -> None:
+        job = slot.job
+        assert job is not None
+        request = job.stream.request
+        token = job.sampler.sample(self.model.ctx, index)
+        if self.model.is_eog(token) and not request.sampling.ignore_eos:
+            self._finish(slot, "stop")
+            return
+        job.n_generated += 1
+        text = job.output.push(self.model.token_to_piece(token))
+        job.stream.push(TokenEvent(token, text))
+        if job.output.stop_word is not None:
+            self._finish(slot, "stop")
+        elif job.n_generated >= request.max_tokens or len(slot.cached) >= self.model.n_ctx:
+            self._finish(slot, "length")
+        else:
+            job.next_token = token
+
+    def _finish(self, slot: Slot, reason: FinishReason, *, error: str | None = None) -> None:
+        job = slot.job
+        assert job is not None
+        slot.job = None
+        slot.last_used = time.perf_counter()
+        job.sampler.free()
+        if reason in ("stop", "length"):
+            rest = job.output.flush()
+            if rest:
+                job.stream.push(TokenEvent(-1, rest))
+        now = time.perf_counter()
+        prompt_done = job.t_prompt_done or now
+        job.stream.push(
+            Finish(
+                reason=reason,
+                prompt_tokens=len(job.prompt),
+                completion_tokens=job.n_generated,
+                cached_tokens=job.n_cached,
+                stop_word=job.output.stop_word,
+                timings=Timings(
+                    prompt_n=len(job.prompt) - job.n_cached,
+                    prompt_ms=(prompt_done - job.t_start) * 1000.0,
+                    predicted_n=job.n_generated,
+                    predicted_ms=(now - prompt_done) * 1000.0,
+                    cache_n=job.n_cached,
+                ),
+                error=error,
+            )
+        )
+
+    def _drop_idle_caches(self) -> None:
+        for slot in self.slots:
+            if slot.job is None and slot.cached:
+                llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+                slot.cached.clear()
+
+    def _decode_failed(self, rc: int, fed: list[tuple[Slot, int, list[int]]]) -> None:
+        """After an abort or a failure, drop whatever this batch may have left in the cache."""
+        for slot, _index, _tokens in fed:
+            llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, len(slot.cached), -1)
+        if rc == 2:
+            for slot, _index, _tokens in fed:
+                if slot.job:
+                    self._finish(slot, "cancelled")
+            return
+        if rc == 1:
+            message = "the context is full: too many tokens in flight across slots"
+        else:
+            message = f"llama_decode failed (code {rc})"
+        log.error("%s", message)
+        # Fail the most recently started request; the others may well fit without it.
+        victims = [fed[-1][0]] if rc == 1 else [s for s, _, _ in fed]
+        for slot in victims:
+            if slot.job:
+                self._finish(slot, "error", error=message)

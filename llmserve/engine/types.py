@@ -1,0 +1,166 @@
+"""Engine-facing types. Nothing here imports llama_cpp, so the server and the test fakes use them.
+
+A route builds a GenerationRequest, hands it to ``Engine.submit`` and iterates the returned
+GenerationStream: zero or more TokenEvent, then exactly one Finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of the sampler. Defaults are llama.cpp's (llama-server's)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_tokens: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One sampled token. ``text`` is what may be shown now: it can be "" while a multi-byte
+    character or a possible stop string is held back."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_n: int = 0
+    prompt_ms: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+    cache_n: int = 0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "cache_n": self.cache_n,
+            "prompt_n": self.prompt_n,
+            "prompt_ms": round(self.prompt_ms, 3),
+            "prompt_per_second": _rate(self.prompt_n, self.prompt_ms),
+            "predicted_n": self.predicted_n,
+            "predicted_ms": round(self.predicted_ms, 3),
+            "predicted_per_second": _rate(self.predicted_n, self.predicted_ms),
+        }
+
+
+def _rate(n: int, ms: float) -> float:
+    return round(n * 1000.0 / ms, 3) if ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    stop_word: str | None = None
+    timings: Timings = field(default_factory=Timings)
+    error: str | None = None
+
+
+Event = TokenEvent | Finish
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    path: str
+    n_ctx: int
+    n_ctx_train: int
+    n_parallel: int
+    n_layer: int
+    n_gpu_layers: int
+    gpu_offload_supported: bool
+    chat_template: str | None
+    description: str = ""
+    size_bytes: int = 0
+    n_params: int = 0
+    created: int = 0
+
+    @property
+    def layers_offloaded(self) -> int:
+        if not self.gpu_offload_supported:
+            return 0
+        # llama.cpp counts the output layer as one more offloadable layer.
+        total = self.n_layer + 1
+        return total if self.n_gpu_layers < 0 else min(self.n_gpu_layers, total)
+
+
+class GenerationStream:
+    """The consumer's end of one generation; also the producer's handle for the worker thread.
+
+    Thread-safety: ``push`` may be called from any thread (it hops onto the loop with
+    ``call_soon_threadsafe``); iteration and ``cancel`` belong to the event loop. ``cancelled`` is
+    a plain flag the worker polls every token and from llama.cpp's abort callback.
+    """
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self._loop = loop
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._cancel = threading.Event()
+        self.finished = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def push(self, event: Event) -> None:
+        # A closed loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while not self.finished:
+            event = await self._queue.get()
+            if isinstance(event, Finish):
+                self.finished = True
+            yield event
+
+
+class EngineProtocol(Protocol):
+    """What the server needs from an engine; the real one and tests' FakeEngine both fit it."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def format_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> str: ...
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+    def submit(self, request: GenerationRequest) -> GenerationStream: ...
+
+    def close(self) -> None: ...

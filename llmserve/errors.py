@@ -1,0 +1,143 @@
+"""The one exception tree of llmserve.
+
+Every error a user can meet is one of these. Each class carries the HTTP status, the OpenAI
+error ``type`` and ``code`` it maps to; ``server/errors.py`` turns any of them into the OpenAI
+envelope ``{"error": {"message", "type", "param", "code"}}`` and the CLI turns them into one line
+and a non-zero exit. Nothing else maps exceptions to statuses.
+
+    LlmserveError                      500 server_error
+    ├── InvalidRequest                 400 invalid_request_error     (param names the field)
+    │   ├── ContextLengthExceeded      400 context_length_exceeded
+    │   └── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
+    ├── AuthenticationError            401 invalid_api_key
+    ├── ModelNotFound                  404 model_not_found
+    ├── RequestTooLarge                413 request_too_large
+    ├── UnsupportedMediaType           415 unsupported_media_type
+    ├── RateLimited                    429 rate_limit_exceeded       (+ Retry-After)
+    ├── ServiceUnavailable             503                           (+ Retry-After)
+    │   ├── ServerBusy                 503 server_busy
+    │   ├── ModelLoading               503 model_loading
+    │   ├── NoModelLoaded              503 no_model
+    │   └── ShuttingDown               503 shutting_down
+    └── EngineError                    500 engine_error              (message is sanitised)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class LlmserveError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(LlmserveError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
+        if max_tokens > 0:
+            message = (
+                f"This model's context is {n_ctx} tokens; the request needs {prompt_tokens} "
+                f"prompt tokens + {max_tokens} max_tokens = {prompt_tokens + max_tokens}. "
+                "Shorten the prompt or lower max_tokens."
+            )
+        else:
+            message = (
+                f"This model's context is {n_ctx} tokens; the prompt alone is {prompt_tokens} "
+                "tokens. Shorten the prompt."
+            )
+        super().__init__(message, param="messages")
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.n_ctx = n_ctx
+
+
+class ModelLoadError(InvalidRequest):
+    code = "model_load_failed"
+
+
+class AuthenticationError(LlmserveError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(LlmserveError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RequestTooLarge(LlmserveError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(LlmserveError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RateLimited(LlmserveError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(LlmserveError):
+    status = 503
+    type = "server_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServerBusy(ServiceUnavailable):
+    code = "server_busy"
+
+
+class ModelLoading(ServiceUnavailable):
+    code = "model_loading"
+
+
+class NoModelLoaded(ServiceUnavailable):
+    code = "no_model"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
+
+
+class EngineError(LlmserveError):
+    status = 500
+    type = "server_error"
+    code = "engine_error"

@@ -1,0 +1,1 @@
+"""Starlette HTTP layer. Routes translate protocol ↔ engine; nothing here imports llama_cpp."""

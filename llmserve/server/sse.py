@@ -1,0 +1,89 @@
+"""Server-sent events: framing, and a response that stops its body when the client leaves.
+
+Starlette's StreamingResponse only notices a disconnect when a send fails (ASGI spec ≥ 2.4), so
+a stream still waiting in the queue would never learn its client is gone. This response always
+listens for ``http.disconnect`` and closes the body generator at once, which runs the route's
+``finally`` (cancel the generation, release the slot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+import anyio
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(payload: Mapping[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
+                                                                separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+class EventStreamResponse:
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncGenerator[bytes, None], headers: Mapping[str, str] | None = None):
+        self.body = body
+        self.headers = dict(headers or {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            *((k.lower().encode(), v.encode()) for k, v in self.headers.items()),
+        ]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            try:
+                async with aclosing(self.body) as body:
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    async for chunk in body:
+                        await send({"type": "http.response.body", "body": chunk,
+                                    "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # the client went away mid-send; aclosing has run the body's cleanup
+            finally:
+                tg.cancel_scope.cancel()
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:
+    """Run ``work``; if the client disconnects first, cancel it and return None. Errors from
+    ``work`` propagate unchanged."""
+    task = asyncio.ensure_future(work())
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,21 @@
+"""What every route needs, stored once on ``app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from llmserve.registry import ModelHost
+from llmserve.server.generation import Limits
+
+
+@dataclass
+class AppState:
+    host: ModelHost
+    limits: Limits
+
+    @staticmethod
+    def of(request: Request) -> AppState:
+        state: AppState = request.app.state.llmserve
+        return state

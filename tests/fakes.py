@@ -1,0 +1,110 @@
+"""FakeEngine: scripted tokens, per-token delay, failure at token N, records calls and cancels.
+
+It honours the engine contract (EngineProtocol) with a worker thread of its own, so the server
+code under test sees events arrive from another thread exactly as with llama.cpp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmserve.engine.types import (
+    Finish,
+    GenerationRequest,
+    GenerationStream,
+    ModelInfo,
+    Timings,
+    TokenEvent,
+)
+from llmserve.errors import InvalidRequest
+
+
+@dataclass
+class Script:
+    """What the next generation does."""
+
+    tokens: Sequence[str] = ("Hello", ",", " world", "!")
+    delay: float = 0.0
+    fail_at: int | None = None
+
+
+@dataclass
+class FakeEngine:
+    model_id: str = "fake-model"
+    n_ctx: int = 256
+    parallel: int = 1
+    script: Script = field(default_factory=Script)
+    requests: list[GenerationRequest] = field(default_factory=list)
+    cancelled: list[GenerationRequest] = field(default_factory=list)
+    started: list[GenerationRequest] = field(default_factory=list)
+    closed: bool = False
+    chats: list[list[dict[str, Any]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._sem = threading.Semaphore(self.parallel)
+        self._info = ModelInfo(
+            id=self.model_id, path=f"/models/{self.model_id}.gguf", n_ctx=self.n_ctx,
+            n_ctx_train=self.n_ctx * 2, n_parallel=self.parallel, n_layer=4, n_gpu_layers=0,
+            gpu_offload_supported=False, chat_template="{{ messages }}", created=1,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def format_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> str:
+        self.chats.append(messages)
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        # one token per character keeps context arithmetic easy to predict in tests
+        return [ord(c) for c in text]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        if any(t < 0 for t in tokens):
+            raise InvalidRequest("bad token", param="tokens")
+        return "".join(chr(t) for t in tokens)
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        self.requests.append(request)
+        stream = GenerationStream(request, asyncio.get_running_loop())
+        threading.Thread(target=self._run, args=(stream, self.script), daemon=True).start()
+        return stream
+
+    def _run(self, stream: GenerationStream, script: Script) -> None:
+        req = stream.request
+        n_prompt = len(req.prompt_tokens)
+        while not self._sem.acquire(timeout=0.01):  # queued: wait for a slot
+            if stream.cancelled:
+                self.cancelled.append(req)
+                stream.push(Finish("cancelled", n_prompt, 0))
+                return
+        try:
+            self.started.append(req)
+            n = 0
+            for i, text in enumerate(script.tokens):
+                if n >= req.max_tokens:
+                    stream.push(Finish("length", n_prompt, n))
+                    return
+                if script.delay:
+                    time.sleep(script.delay)
+                if stream.cancelled:
+                    self.cancelled.append(req)
+                    stream.push(Finish("cancelled", n_prompt, n))
+                    return
+                if script.fail_at is not None and i == script.fail_at:
+                    stream.push(Finish("error", n_prompt, n, error="scripted failure"))
+                    return
+                n += 1
+                stream.push(TokenEvent(i, text))
+            stream.push(Finish("stop", n_prompt, n, timings=Timings(predicted_n=n)))
+        finally:
+            self._sem.release()
+
+    def close(self) -> None:
+        self.closed = True
