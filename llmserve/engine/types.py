@@ -18,20 +18,42 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What a request asks of the sampler. Defaults are llama.cpp's (llama-server's)."""
+    """What a request asks of the sampler. Defaults are llama.cpp's (llama-server's).
+
+    Field names follow llama.cpp's /completion API; routes map their own aliases onto them.
+    """
 
     temperature: float = 0.8
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
     typical_p: float = 1.0
+    top_n_sigma: float = -1.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", "\"", "*")
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    min_keep: int = 0
     seed: int | None = None
+    # (token id, bias); a bias of -inf bans the token (llama.cpp's `false`)
     logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False
+    # sampler order by llama.cpp name; empty = llama.cpp's default order
+    samplers: tuple[str, ...] = ()
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
