@@ -60,7 +60,8 @@ def supports_gpu_offload() -> bool:
 
 def system_info() -> str:
     init_backend()
-    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+    raw: bytes = llama_cpp.llama_print_system_info()
+    return raw.decode("utf-8", errors="replace").strip()
 
 
 def check_gguf_file(path: str | os.PathLike[str]) -> Path:
