@@ -63,6 +63,102 @@ def system_info() -> str:
     return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
 
 
+def build_info() -> dict[str, object]:
+    """What this llama.cpp build can do: GPU offload, its backends and devices (with free and
+    total memory), mmap/mlock support and llama.cpp's system-info line."""
+    init_backend()
+    return {
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "mmap": bool(llama_cpp.llama_supports_mmap()),
+        "mlock": bool(llama_cpp.llama_supports_mlock()),
+        "rpc": bool(llama_cpp.llama_supports_rpc()),
+        "backends": _ggml.backends(),
+        "devices": _ggml.devices(),
+        "system_info": system_info(),
+    }
+
+
+_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+class _GgmlRegistry:
+    """ggml's backend registry, read through libggml (llama-cpp-python binds no ggml_backend_*
+    functions). Absent or different symbols give empty lists, never an error."""
+
+    def __init__(self) -> None:
+        self._lib: ctypes.CDLL | None = None
+        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
+            if (lib_dir / name).exists():
+                try:
+                    lib = ctypes.CDLL(str(lib_dir / name))
+                    for fn, res, args in [
+                        ("ggml_backend_reg_count", ctypes.c_size_t, []),
+                        ("ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                        ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                        ("ggml_backend_dev_count", ctypes.c_size_t, []),
+                        ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                        ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                        ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+                        ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+                        ("ggml_backend_dev_memory", None,
+                         [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                          ctypes.POINTER(ctypes.c_size_t)]),
+                    ]:
+                        getattr(lib, fn).restype = res
+                        getattr(lib, fn).argtypes = args
+                    self._lib = lib
+                except (OSError, AttributeError):
+                    self._lib = None
+                break
+
+    def backends(self) -> list[str]:
+        lib = self._lib
+        if lib is None:
+            return []
+        return [lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode()
+                for i in range(lib.ggml_backend_reg_count())]
+
+    def devices(self) -> list[dict[str, object]]:
+        lib = self._lib
+        if lib is None:
+            return []
+        out: list[dict[str, object]] = []
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            out.append({
+                "name": lib.ggml_backend_dev_name(dev).decode(errors="replace"),
+                "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
+                "type": _DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "unknown"),
+                "memory_free": free.value,
+                "memory_total": total.value,
+            })
+        return out
+
+
+_ggml = _GgmlRegistry()
+
+_FLASH_ATTN = {
+    None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+_ROPE_SCALING = {
+    "none": llama_cpp.LLAMA_ROPE_SCALING_TYPE_NONE,
+    "linear": llama_cpp.LLAMA_ROPE_SCALING_TYPE_LINEAR,
+    "yarn": llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN,
+}
+
+
+def _cache_type(name: str) -> int:
+    value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if not isinstance(value, int):
+        raise ModelLoadError(f"unknown KV cache type {name!r}", param="cache_type")
+    return value
+
+
 def check_gguf_file(path: str | os.PathLike[str]) -> Path:
     """Fail early, with a clear message, on anything that is not a readable GGUF file."""
     p = Path(path).expanduser()
@@ -107,6 +203,12 @@ class LoadedModel:
         n_parallel: int = 1,
         n_batch: int = 512,
         progress: Callable[[float], None] | None = None,
+        flash_attn: bool | None = None,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
+        rope_scaling: str | None = None,
+        rope_freq_base: float | None = None,
+        rope_freq_scale: float | None = None,
     ) -> None:
         init_backend()
         self.path = check_gguf_file(path)
@@ -152,6 +254,15 @@ class LoadedModel:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
+        cparams.type_k = _cache_type(cache_type_k)
+        cparams.type_v = _cache_type(cache_type_v)
+        if rope_scaling is not None:
+            cparams.rope_scaling_type = _ROPE_SCALING[rope_scaling]
+        if rope_freq_base is not None:
+            cparams.rope_freq_base = rope_freq_base
+        if rope_freq_scale is not None:
+            cparams.rope_freq_scale = rope_freq_scale
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             detail = _last_llama_error()
