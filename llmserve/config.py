@@ -88,7 +88,10 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION = re.compile(r"-?(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 
-Duration = Annotated[float | None, BeforeValidator(parse_duration)]
+# None stays None (forever): TOML has no null, so only our own code passes it.
+Duration = Annotated[
+    float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
+]
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
 
@@ -186,6 +189,9 @@ def load_config(path: str | os.PathLike[str]) -> tuple[ConfigFile, set[str], dic
         server.api_keys_file = (base / server.api_keys_file.expanduser()).resolve()
     for table in config.models.values():
         table.path = (base / table.path.expanduser()).resolve()
+        template = table.chat_template
+        if template is not None and "{" not in template and (base / template).is_file():
+            table.chat_template = str((base / template).resolve())
     server_keys = set(raw.get("server", {}))
     model_keys = {mid: set(t) for mid, t in raw.get("models", {}).items()}
     return config, server_keys, model_keys

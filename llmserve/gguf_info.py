@@ -320,3 +320,24 @@ def read_gguf(path: str | os.PathLike[str]) -> GgufInfo:
         total += size
     return GgufInfo(path=p, files=tuple(parts), file_size=total, version=version,
                     metadata=metadata, tensors=tuple(tensors))
+
+
+_cache: dict[tuple[str, int, int], GgufInfo] = {}
+
+
+def read_gguf_cached(path: str | os.PathLike[str]) -> GgufInfo:
+    """``read_gguf``, remembered while the file's size and mtime stay the same (model listings
+    read every known file's header)."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+    except OSError:
+        return read_gguf(p)  # raises the clear error
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    info = _cache.get(key)
+    if info is None:
+        info = read_gguf(p)
+        if len(_cache) > 256:
+            _cache.clear()
+        _cache[key] = info
+    return info

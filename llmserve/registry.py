@@ -101,6 +101,7 @@ class ModelStatus:
     state: ModelState
     info: ModelInfo | None = None  # when loaded
     expires_at: float | None = None  # wall-clock time of the idle unload, when scheduled
+    keep_alive: float | None = None  # seconds idle before unloading; None = forever
     in_flight: int = 0
 
 
@@ -181,10 +182,10 @@ class ModelHost:
             slot = self._loaded.get(spec.id)
             if slot is not None:
                 out.append(ModelStatus(spec, "loaded", slot.engine.info, slot.expires_at,
-                                       slot.in_flight))
+                                       slot.keep_alive, slot.in_flight))
             else:
                 out.append(ModelStatus(spec, "loading" if spec.id in self._pending
-                                       else "not-loaded"))
+                                       else "not-loaded", keep_alive=spec.ttl))
         return out
 
     @property

@@ -10,15 +10,15 @@ import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
-from llmserve.config import parse_duration
+from llmserve.config import Duration
 
 T = TypeVar("T")
 
@@ -104,7 +104,7 @@ class _Sampling(_Request):
     # How long the model stays loaded once idle: LM Studio's ttl (seconds), Ollama's keep_alive
     # ("5m", seconds; negative = forever, 0 = unload after this request).
     ttl: float | None = None
-    keep_alive: Annotated[float | None, BeforeValidator(parse_duration)] = None
+    keep_alive: Duration = None
 
     def keep_alive_seconds(self, default: T) -> float | T | None:
         """The request's keep-alive in seconds (None = forever), or ``default`` if it gave
@@ -163,11 +163,13 @@ class CompletionRequest(_Sampling):
 
 
 class LoadModelRequest(_Request):
-    model: str = Field(min_length=1)
+    """A model id or alias, or a GGUF path (``id`` is accepted for ``model``)."""
+
+    model: str = Field(min_length=1, validation_alias=AliasChoices("model", "id"))
 
 
 class UnloadModelRequest(_Request):
-    model: str | None = None
+    model: str | None = Field(default=None, validation_alias=AliasChoices("model", "id"))
 
 
 # -- responses ------------------------------------------------------------------------------
