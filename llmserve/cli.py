@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
@@ -44,7 +45,7 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -349,7 +350,7 @@ def info(
     if gguf.split_count > 1:
         rows.append(("parts", str(gguf.split_count)))
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, escape(value))
     out.print(table)
 
 
@@ -385,17 +386,20 @@ def models(
         table.add_column(column, overflow="fold")
     for row in rows:
         if "error" in row:
-            table.add_row(row["id"], "[red]unreadable[/]", "", "", "", "", row["path"])
+            table.add_row(escape(row["id"]), "[red]unreadable[/]", "", "", "", "",
+                          escape(row["path"]))
             continue
+        name = row["id"] + (f" ({', '.join(row['aliases'])})" if row["aliases"] else "")
         table.add_row(
-            row["id"] + (f" ({', '.join(row['aliases'])})" if row["aliases"] else ""),
-            row["architecture"] or "-", _count(row["parameter_count"]), row["quantization"],
-            str(row["context_length"] or "-"), _size(row["file_size"]), row["path"],
+            escape(name), escape(row["architecture"] or "-"), _count(row["parameter_count"]),
+            row["quantization"], str(row["context_length"] or "-"), _size(row["file_size"]),
+            escape(row["path"]),
         )
     out.print(table)
     for row in rows:
         if "error" in row:
-            err.print(f"[red]{row['id']}:[/] {row['error']}", highlight=False, soft_wrap=True)
+            err.print(f"[red]{escape(row['id'])}:[/] {escape(row['error'])}", highlight=False,
+                      soft_wrap=True)
 
 
 def _print_json(data: object) -> None:
