@@ -94,7 +94,7 @@ def test_split_gguf_reads_every_part(tmp_path: Path) -> None:
     assert info.parameter_count == 64 + 128
     assert info.file_size == one.stat().st_size + two.stat().st_size
     two.unlink()
-    with pytest.raises(ModelLoadError, match="00002-of-00002.gguf is missing"):
+    with pytest.raises(ModelLoadError, match=r"00002-of-00002\.gguf is missing"):
         read_gguf(one)
 
 
