@@ -372,6 +372,12 @@ class ModelHost:
                 log.info("unloading %s: idle for %.0f s", slot.spec.id, slot.keep_alive or 0)
                 await self._retire(slot)
 
+    def start(self) -> None:
+        """Start the keep-alive countdown of the models loaded before the server ran."""
+        for slot in self._loaded.values():
+            if slot.timer is None and slot.in_flight == 0:
+                self._schedule_expiry(slot)
+
     async def close(self) -> None:
         for task in [*self._pending.values(), *self._tasks]:
             with contextlib.suppress(BaseException):

@@ -26,7 +26,8 @@ GGUF_MAGIC = b"GGUF"
 # llama.cpp reports why a load failed only through its log. Keep the last lines so an error can
 # say more than "failed to load"; they are shown to the user, never parsed.
 _recent_errors: collections.deque[str] = collections.deque(maxlen=8)
-_log_levels = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
+_log_levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
@@ -180,10 +181,12 @@ def check_gguf_file(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _last_llama_error() -> str:
+def _llama_error_detail() -> str:
+    """The first error llama.cpp logged since the load began: the cause ("unknown model
+    architecture: 'x'"); later lines only say that loading failed."""
     lines = [line for line in _recent_errors if line]
     _recent_errors.clear()
-    return lines[-1] if lines else ""
+    return lines[0] if lines else ""
 
 
 class LoadedModel:
@@ -229,7 +232,7 @@ class LoadedModel:
         _recent_errors.clear()
         model = llama_cpp.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
         if not model:
-            detail = _last_llama_error()
+            detail = _llama_error_detail()
             raise ModelLoadError(
                 f"llama.cpp could not load {self.path}"
                 + (f": {detail}" if detail else " (corrupt, truncated or unsupported GGUF)"),
@@ -265,7 +268,7 @@ class LoadedModel:
             cparams.rope_freq_scale = rope_freq_scale
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
-            detail = _last_llama_error()
+            detail = _llama_error_detail()
             self.close()
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {self.path}"

@@ -19,6 +19,7 @@ from llmserve.server.state import AppState
 def create_app(host: ModelHost, *, limits: Limits | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        host.start()
         yield
         await host.close()
 
