@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -80,7 +81,7 @@ def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
             rope_freq_scale=spec.rope_freq_scale,
         )
 
-    if quiet:
+    if quiet or not err.is_terminal:
         return load(None)
     with Progress(
         TextColumn("[bold]loading[/] {task.description}"),
@@ -230,11 +231,14 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
 
     specs = list(settings.models)
     first = _first_model(settings, specs)
+    started = time.monotonic()
     try:
         read_gguf(first.path)
         engine = load_engine(first, parallel=settings.parallel, quiet=False)
     except LlmserveError as exc:
         fail(exc.message)
+    logging.getLogger("llmserve.registry").info(
+        "loaded %s in %.1f s", first.id, time.monotonic() - started)
 
     def loader(spec: ModelSpec) -> Engine:
         return load_engine(spec, parallel=settings.parallel, quiet=False)

@@ -127,7 +127,15 @@ path = "broken.gguf"
 def test_ttl_unloads_after_idle_and_the_next_request_reloads(
     tmp_path: Path, demo_model: Path, server_with: list[ServerProcess]
 ) -> None:
-    config = _config(tmp_path, f'[models.demo]\npath = "{demo_model}"\nttl = 2\n')
+    # the engine options reach llama.cpp (a quantised V cache needs flash attention)
+    config = _config(tmp_path, f"""
+[models.demo]
+path = "{demo_model}"
+ttl = 2
+flash_attn = true
+cache_type_k = "q8_0"
+cache_type_v = "q8_0"
+""")
     server = ServerProcess(["--config", str(config), "--ctx-size", "512"])
     server_with.append(server)
     with httpx.Client(base_url=server.url, timeout=60) as c:

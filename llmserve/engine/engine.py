@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -14,8 +13,6 @@ from llmserve.engine.model import LoadedModel, supports_gpu_offload
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.types import GenerationRequest, GenerationStream, ModelInfo
 from llmserve.errors import InvalidRequest
-
-log = logging.getLogger("llmserve.engine")
 
 
 class Engine:
@@ -91,12 +88,6 @@ class Engine:
             rope_freq_base=rope_freq_base,
             rope_freq_scale=rope_freq_scale,
         )
-        if model.n_ctx > model.n_ctx_train > 0:
-            log.warning(
-                "%s: ctx_size %d is above the model's trained context of %d tokens; answers "
-                "past %d tokens may degrade unless rope scaling is configured",
-                model.path.name, model.n_ctx, model.n_ctx_train, model.n_ctx_train,
-            )
         try:
             return cls(model, model_id or model.path.stem, chat_template)
         except BaseException:

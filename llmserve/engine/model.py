@@ -19,7 +19,8 @@ import llama_cpp
 
 from llmserve.errors import ModelLoadError
 
-log = logging.getLogger("llmserve.llama")
+log = logging.getLogger("llmserve.llama")  # llama.cpp's own log lines
+engine_log = logging.getLogger("llmserve.engine")
 
 GGUF_MAGIC = b"GGUF"
 
@@ -266,6 +267,12 @@ class LoadedModel:
             cparams.rope_freq_base = rope_freq_base
         if rope_freq_scale is not None:
             cparams.rope_freq_scale = rope_freq_scale
+        if cparams.n_ctx > self.n_ctx_train > 0:
+            engine_log.warning(
+                "%s: ctx_size %d is above the model's trained context of %d tokens; answers "
+                "past %d tokens may degrade unless rope scaling is configured",
+                self.path.name, cparams.n_ctx, self.n_ctx_train, self.n_ctx_train,
+            )
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             detail = _llama_error_detail()
