@@ -270,10 +270,12 @@ def _first_model(settings: Settings, specs: list[ModelSpec]) -> ModelSpec:
     """The model loaded at start: the command line's (an id or a path, added to ``specs``),
     else the first configured one, else the demo model."""
     if settings.model is not None:
+        path = Path(settings.model).expanduser()
         for spec in specs:
-            if settings.model in (spec.id, *spec.aliases):
+            if settings.model in (spec.id, *spec.aliases) or (
+                    path.exists() and spec.path.resolve() == path.resolve()):
                 return spec
-        spec = settings.spec_for_path(Path(settings.model).expanduser(), settings.alias)
+        spec = settings.spec_for_path(path, settings.alias)
     elif specs:
         return specs[0]
     else:

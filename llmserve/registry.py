@@ -18,7 +18,6 @@ thread; loads and unloads are serialised by one lock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -379,9 +378,8 @@ class ModelHost:
                 self._schedule_expiry(slot)
 
     async def close(self) -> None:
-        for task in [*self._pending.values(), *self._tasks]:
-            with contextlib.suppress(BaseException):
-                await task
+        # a load or idle unload under way finishes first (its errors were reported already)
+        await asyncio.gather(*self._pending.values(), *self._tasks, return_exceptions=True)
         await self.unload()
 
 
