@@ -242,7 +242,10 @@ class ModelHost:
         ticket = slot.admission.reserve()
         if keep_alive is not KEEP:
             slot.keep_alive = keep_alive if isinstance(keep_alive, float | int) else None
-        self._loaded.move_to_end(slot.spec.id)
+        # A slot just loaded for this caller may already be on its way out (another load
+        # chose it while the caller woke up): it still serves this request before closing.
+        if self._loaded.get(slot.spec.id) is slot:
+            self._loaded.move_to_end(slot.spec.id)
         return Lease(slot, ticket)
 
     # -- loading and unloading -----------------------------------------------------------------
