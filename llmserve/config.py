@@ -1,30 +1,35 @@
-"""Settings: what the CLI (flags, then LLMSERVE_* environment variables) hands the server."""
+"""Settings: what the CLI hands the server. Precedence: CLI flag > LLMSERVE_* environment
+variable > models.toml (``--config``) > defaults. Models come from the config's [models.<id>]
+tables, from ``--models-dir`` and from the model path on the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import os
+import re
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+from llmserve.engine.types import SamplingParams
+from llmserve.errors import ConfigError
+from llmserve.gguf_info import SPLIT_PATTERN
 
 DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PORT = 8080
 DEFAULT_CTX = 4096
 DEFAULT_MAX_QUEUE = 16
-
-
-class Settings(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
-    model: str | None = None
-    alias: str | None = None
-    ctx_size: int = Field(default=DEFAULT_CTX, ge=0)
-    n_gpu_layers: int | None = None
-    threads: int | None = Field(default=None, ge=1)
-    chat_template: str | None = None
-    parallel: int = Field(default=1, ge=1, le=64)
-    max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
-    max_tokens_limit: int | None = Field(default=None, ge=1)
 
 
 def demo_model_path() -> Path | None:
@@ -48,3 +53,279 @@ def read_chat_template(value: str | None) -> str | None:
     if len(value) < 4096 and "{" not in value and path.is_file():
         return path.read_text(encoding="utf-8")
     return value
+
+
+# -- models.toml ---------------------------------------------------------------------------------
+
+DEFAULT_MAX_LOADED_MODELS = 1
+
+
+def parse_duration(value: object) -> float | None:
+    """Seconds from a keep-alive value: a number of seconds or a string like "90", "30s", "5m",
+    "1h30m". Negative means forever (None); 0 means unload as soon as the model is idle."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"expected a duration like 300, \"5m\" or -1, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            m = _DURATION.fullmatch(text)
+            if m is None or not text:
+                raise ValueError(
+                    f"expected a duration like 300, \"5m\", \"1h30m\" or -1, got {value!r}"
+                ) from None
+            sign = -1.0 if text.startswith("-") else 1.0
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+    else:
+        raise ValueError(f"expected a duration like 300, \"5m\" or -1, got {value!r}")
+    return None if seconds < 0 else seconds
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION = re.compile(r"-?(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
+
+# None stays None (forever): TOML has no null, so only our own code passes it.
+Duration = Annotated[
+    float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
+]
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+
+def _sampling_defaults(value: object) -> dict[str, Any]:
+    """A table of SamplingParams fields (llama.cpp names), checked against their types."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a table of sampling parameters")
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ValueError(f"unknown sampling parameter {unknown[0]!r}; known: "
+                         + ", ".join(sorted(names)))
+    checked = TypeAdapter(SamplingParams).validate_python(value)
+    return {name: getattr(checked, name) for name in value}
+
+
+SamplingDefaults = Annotated[dict[str, Any], BeforeValidator(_sampling_defaults)]
+
+
+class ModelOptions(BaseModel):
+    """How one model is loaded. Every field may come from a [models.<id>] table or, for all
+    models at once, from a CLI flag / LLMSERVE_* variable."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_gpu_layers: int | None = None
+    ctx_size: int = Field(default=DEFAULT_CTX, ge=0)
+    chat_template: str | None = None
+    threads: int | None = Field(default=None, ge=1)
+    flash_attn: bool | Literal["auto"] = "auto"
+    cache_type_k: CacheType = "f16"
+    cache_type_v: CacheType = "f16"
+    rope_scaling: Literal["none", "linear", "yarn"] | None = None
+    rope_freq_base: float | None = Field(default=None, gt=0)
+    rope_freq_scale: float | None = Field(default=None, gt=0)
+
+
+class ModelSpec(ModelOptions):
+    """A model the server knows: loaded on demand under ``id`` (or one of its aliases)."""
+
+    id: str = Field(min_length=1)
+    path: Path
+    aliases: list[str] = Field(default_factory=list)
+    ttl: Duration = None
+    sampling: SamplingDefaults = Field(default_factory=dict)
+
+
+class ServerSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str | None = None
+    port: int | None = Field(default=None, ge=0, le=65535)
+    api_keys_file: Path | None = None
+    max_queue: int | None = Field(default=None, ge=0)
+    parallel: int | None = Field(default=None, ge=1, le=64)
+    models_dir: Path | None = None
+    max_loaded_models: int | None = Field(default=None, ge=1)
+    ttl: Duration = None
+    sampling: SamplingDefaults = Field(default_factory=dict)
+
+
+class _ModelTable(ModelOptions):
+    path: Path
+    aliases: list[str] = Field(default_factory=list)
+    ttl: Duration = None
+    sampling: SamplingDefaults = Field(default_factory=dict)
+
+
+class ConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    server: ServerSection = Field(default_factory=ServerSection)
+    models: dict[str, _ModelTable] = Field(default_factory=dict)
+
+
+def load_config(path: str | os.PathLike[str]) -> tuple[ConfigFile, set[str], dict[str, set[str]]]:
+    """Parse and check a models.toml. Returns the config, the [server] keys it sets and, per
+    model id, the keys its table sets. Relative paths are resolved against the file's folder.
+    Raises ConfigError naming the file, the key and what was expected."""
+    p = Path(path).expanduser()
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read the config file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    try:
+        config = ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{p}: {_config_error(exc)}") from None
+    base = p.parent
+    server = config.server
+    if server.models_dir is not None:
+        server.models_dir = (base / server.models_dir.expanduser()).resolve()
+    if server.api_keys_file is not None:
+        server.api_keys_file = (base / server.api_keys_file.expanduser()).resolve()
+    for table in config.models.values():
+        table.path = (base / table.path.expanduser()).resolve()
+        template = table.chat_template
+        if template is not None and "{" not in template and (base / template).is_file():
+            table.chat_template = str((base / template).resolve())
+    server_keys = set(raw.get("server", {}))
+    model_keys = {mid: set(t) for mid, t in raw.get("models", {}).items()}
+    return config, server_keys, model_keys
+
+
+def _config_error(exc: ValidationError) -> str:
+    e = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in e["loc"]]
+    if len(loc) >= 2 and loc[0] in ("server", "models"):
+        table = f"[{loc[0]}.{loc[1]}]" if loc[0] == "models" else "[server]"
+        rest = loc[2:] if loc[0] == "models" else loc[1:]
+        where = f"{table} {'.'.join(rest)}" if rest else table
+    else:
+        where = ".".join(loc) or "top level"
+    if e["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if e["type"] == "missing":
+        return f"{where}: required key is missing"
+    got = e.get("input")
+    shown = "" if isinstance(got, dict) else f", got {got!r}"
+    return f"{where}: {e['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def model_id_from_file(path: Path) -> str:
+    """``name.gguf`` → ``name``; ``name-00001-of-00003.gguf`` → ``name``."""
+    stem = path.stem
+    m = SPLIT_PATTERN.match(stem)
+    return m["base"] if m else stem
+
+
+def scan_models_dir(folder: Path) -> list[tuple[str, Path]]:
+    """(id, path) for every model below ``folder``: each *.gguf, a split GGUF once (its first
+    part), multimodal projectors (mmproj*) skipped. Ids are file names; where two files share a
+    name, their paths relative to ``folder`` tell them apart."""
+    if not folder.is_dir():
+        raise ConfigError(f"models_dir {folder}: not a directory")
+    found: list[Path] = []
+    for path in sorted(folder.rglob("*.gguf")):
+        m = SPLIT_PATTERN.match(path.stem)
+        if (m and int(m["part"]) != 1) or path.name.lower().startswith("mmproj"):
+            continue
+        if path.is_file():
+            found.append(path)
+    names = [model_id_from_file(p) for p in found]
+    out: list[tuple[str, Path]] = []
+    for path, name in zip(found, names, strict=True):
+        if names.count(name) > 1:
+            rel = path.relative_to(folder).with_name(name)
+            name = rel.as_posix()
+        out.append((name, path))
+    return out
+
+
+
+class Settings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    model: str | None = None
+    alias: str | None = None
+    ctx_size: int = Field(default=DEFAULT_CTX, ge=0)
+    n_gpu_layers: int | None = None
+    threads: int | None = Field(default=None, ge=1)
+    chat_template: str | None = None
+    parallel: int = Field(default=1, ge=1, le=64)
+    max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
+    max_tokens_limit: int | None = Field(default=None, ge=1)
+    config: Path | None = None
+    models_dir: Path | None = None
+    max_loaded_models: int = Field(default=DEFAULT_MAX_LOADED_MODELS, ge=1)
+    ttl: Duration = None
+    api_keys_file: Path | None = None
+    sampling: SamplingDefaults = Field(default_factory=dict)
+    # Known models from --config and --models-dir (the command line's own model is added by
+    # ``spec_for_path``).
+    models: list[ModelSpec] = Field(default_factory=list)
+
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(ctx_size=self.ctx_size, n_gpu_layers=self.n_gpu_layers,
+                            threads=self.threads, chat_template=self.chat_template)
+
+    def spec_for_path(self, path: Path, model_id: str | None = None) -> ModelSpec:
+        """A model given by its path (command line, POST /v1/models/load): the server-wide
+        options, ttl and sampling."""
+        return ModelSpec(id=model_id or model_id_from_file(path), path=path, ttl=self.ttl,
+                         sampling=self.sampling, **self.model_options().model_dump())
+
+
+_SERVER_KEYS = ("host", "port", "max_queue", "parallel", "models_dir", "max_loaded_models",
+                "ttl", "api_keys_file")
+_CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "chat_template")
+
+
+def resolve_settings(values: Mapping[str, Any], explicit: set[str]) -> Settings:
+    """Settings from the CLI's ``values`` (every option, defaults included), of which
+    ``explicit`` were given as a flag or LLMSERVE_* variable, and the config file
+    ``values["config"]`` if any. Raises ConfigError / pydantic's ValidationError."""
+    merged = dict(values)
+    config: ConfigFile | None = None
+    model_keys: dict[str, set[str]] = {}
+    if values.get("config") is not None:
+        config, server_keys, model_keys = load_config(values["config"])
+        for key in _SERVER_KEYS:
+            if key in server_keys and key not in explicit:
+                merged[key] = getattr(config.server, key)
+        merged["sampling"] = config.server.sampling
+    settings = Settings.model_validate(merged)
+    overrides = {k: merged[k] for k in _CLI_MODEL_OPTIONS if k in explicit}
+    specs: list[ModelSpec] = []
+    if config is not None:
+        for model_id, table in config.models.items():
+            keys = model_keys[model_id]
+            options = {k: getattr(table, k) for k in ModelOptions.model_fields if k in keys}
+            specs.append(ModelSpec(
+                id=model_id, path=table.path, aliases=table.aliases,
+                ttl=table.ttl if "ttl" in keys else settings.ttl,
+                sampling={**settings.sampling, **table.sampling},
+                **{**options, **overrides},
+            ))
+    if settings.models_dir is not None:
+        taken = {name for spec in specs for name in (spec.id, *spec.aliases)}
+        configured = {spec.path for spec in specs}
+        for model_id, path in scan_models_dir(settings.models_dir.expanduser()):
+            if model_id not in taken and path.resolve() not in configured:
+                specs.append(settings.spec_for_path(path, model_id))
+    _check_unique(specs, values.get("config"))
+    settings.models = specs
+    return settings
+
+
+def _check_unique(specs: list[ModelSpec], config: object) -> None:
+    seen: dict[str, str] = {}
+    for spec in specs:
+        for name in (spec.id, *spec.aliases):
+            if name in seen and seen[name] != spec.id:
+                raise ConfigError(f"{config}: [models.{spec.id}] aliases: {name!r} already "
+                                  f"names model {seen[name]!r}")
+            seen[name] = spec.id

@@ -19,7 +19,8 @@ and a non-zero exit. Nothing else maps exceptions to statuses.
     │   ├── ModelLoading               503 model_loading
     │   ├── NoModelLoaded              503 no_model
     │   └── ShuttingDown               503 shutting_down
-    └── EngineError                    500 engine_error              (message is sanitised)
+    ├── EngineError                    500 engine_error              (message is sanitised)
+    └── ConfigError                    (CLI only) a bad models.toml or --models-dir
 """
 
 from __future__ import annotations
@@ -141,3 +142,9 @@ class EngineError(LlmserveError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class ConfigError(LlmserveError):
+    """The message names the file, the key and what was expected."""
+
+    code = "config_error"

@@ -1,57 +1,107 @@
-"""Which model is loaded, and swapping it safely.
+"""Which models exist, which are loaded; loading on demand (JIT), LRU eviction, idle TTL.
 
-The host owns at most one engine. Requests take a Lease (an admission ticket + an in-flight
-count on that engine) for as long as their body lives. A load runs off the event loop; while it
-runs, new requests get 503 ``model_loading``. The old engine is closed only after its in-flight
-requests have finished, and a load that fails leaves the old engine serving.
+Guarantees:
+- A request takes a Lease (an admission ticket + an in-flight count on one loaded engine) for as
+  long as its body lives. ``acquire`` loads a known, unloaded model first (JIT); while a model
+  loads, other requests for it get 503 ``model_loading`` at once.
+- At most ``max_loaded_models`` are loaded. Loading one more unloads the least recently used
+  (idle ones first), and that engine is closed only after its in-flight requests have finished.
+- A load that fails leaves the server serving: models unloaded to make room for it are loaded
+  back, and the error (ModelLoadError, 400) reaches the caller.
+- A model idle for its keep-alive (the config's ``ttl``, or a request's ``ttl``/``keep_alive``)
+  is unloaded; ``None`` keeps it loaded, 0 unloads it as soon as its requests finish.
+
+Everything here runs on the event loop except the loader and ``close``, which run in a worker
+thread; loads and unloads are serialised by one lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Literal
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NoReturn
 
 import anyio.to_thread
 
-from llmserve.engine.types import EngineProtocol
-from llmserve.errors import ModelLoading, NoModelLoaded
+from llmserve.config import ModelSpec, model_id_from_file
+from llmserve.engine.types import EngineProtocol, ModelInfo
+from llmserve.errors import ModelLoading, ModelNotFound, NoModelLoaded
 from llmserve.server.admission import Admission, Ticket
 
 log = logging.getLogger("llmserve.registry")
 
 HostState = Literal["ready", "loading", "no_model"]
-Loader = Callable[[str], EngineProtocol]
+ModelState = Literal["loaded", "loading", "not-loaded"]
+Loader = Callable[[ModelSpec], EngineProtocol]
+Check = Callable[[ModelSpec], object]
+
+# "keep the model's own keep-alive" (a request without ttl/keep_alive)
+KEEP = object()
 
 
 class _Slot:
-    """An engine with its admission and in-flight count."""
+    """A loaded engine with its admission, in-flight count and keep-alive."""
 
-    def __init__(self, engine: EngineProtocol, admission: Admission) -> None:
+    def __init__(self, spec: ModelSpec, engine: EngineProtocol, admission: Admission,
+                 on_idle: Callable[[_Slot], None]) -> None:
+        self.spec = spec
         self.engine = engine
         self.admission = admission
+        self.keep_alive: float | None = spec.ttl
+        self.last_used = time.monotonic()
+        self.expires_at: float | None = None  # wall-clock time of the idle unload
+        self.timer: asyncio.TimerHandle | None = None
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self._on_idle = on_idle
+
+    def hold(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+        self.last_used = time.monotonic()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.expires_at = None
+
+    def drop(self) -> None:
+        self.in_flight -= 1
+        self.last_used = time.monotonic()
+        if self.in_flight == 0:
+            self.idle.set()
+            self._on_idle(self)
 
 
 class Lease:
     def __init__(self, slot: _Slot, ticket: Ticket) -> None:
         self._slot: _Slot | None = slot
         self.engine = slot.engine
+        self.sampling_defaults: dict[str, Any] = slot.spec.sampling
         self._ticket = ticket
-        slot.in_flight += 1
-        slot.idle.clear()
+        slot.hold()
 
     def release(self) -> None:
         if self._slot is None:
             return
         self._ticket.release()
-        self._slot.in_flight -= 1
-        if self._slot.in_flight == 0:
-            self._slot.idle.set()
+        self._slot.drop()
         self._slot = None
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    spec: ModelSpec
+    state: ModelState
+    info: ModelInfo | None = None  # when loaded
+    expires_at: float | None = None  # wall-clock time of the idle unload, when scheduled
+    keep_alive: float | None = None  # seconds idle before unloading; None = forever
+    in_flight: int = 0
 
 
 class ModelHost:
@@ -61,70 +111,285 @@ class ModelHost:
         *,
         max_queue: int,
         engine: EngineProtocol | None = None,
+        specs: Iterable[ModelSpec] = (),
+        max_loaded_models: int = 1,
+        check: Check | None = None,
+        spec_for_path: Callable[[Path], ModelSpec] | None = None,
     ) -> None:
+        """``engine``: one already loaded (its spec is the one in ``specs`` with its id, or one
+        made from its path). ``check`` validates a model cheaply before anything is unloaded
+        for it (the CLI reads the GGUF header); ``spec_for_path`` makes the spec of a model
+        loaded by path (POST /v1/models/load)."""
         self._loader = loader
+        self._check = check
+        self._spec_for_path = spec_for_path or (
+            lambda p: ModelSpec(id=model_id_from_file(p), path=p)
+        )
         self.max_queue = max_queue
-        self._slot: _Slot | None = None
-        self._loading: str | None = None
+        self.max_loaded_models = max_loaded_models
+        self.known: dict[str, ModelSpec] = {}
+        self._names: dict[str, str] = {}
+        self._loaded: OrderedDict[str, _Slot] = OrderedDict()
+        self._pending: dict[str, asyncio.Task[_Slot]] = {}
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        for spec in specs:
+            self._register(spec)
         if engine is not None:
-            self._slot = self._wrap(engine)
+            spec = self.known.get(engine.info.id) or ModelSpec(
+                id=engine.info.id, path=Path(engine.info.path)
+            )
+            self._register(spec)
+            self._loaded[spec.id] = self._wrap(spec, engine)
 
-    def _wrap(self, engine: EngineProtocol) -> _Slot:
-        return _Slot(engine, Admission(parallel=engine.info.n_parallel, max_queue=self.max_queue))
+    # -- what is known -------------------------------------------------------------------------
+
+    def _register(self, spec: ModelSpec) -> None:
+        self.known[spec.id] = spec
+        for name in (spec.id, *spec.aliases):
+            self._names.setdefault(name, spec.id)
+
+    def resolve(self, name: str | None) -> ModelSpec:
+        """The model a request's ``model`` names: an id or alias; with one model known, any
+        name (clients send arbitrary ones); no name: the most recently used loaded model."""
+        if name and name in self._names:
+            return self.known[self._names[name]]
+        if len(self.known) == 1:
+            return next(iter(self.known.values()))
+        if not name:
+            if self._loaded:
+                return self._loaded[next(reversed(self._loaded))].spec
+            if self.known:
+                return next(iter(self.known.values()))
+            raise NoModelLoaded("no model is loaded; load one with POST /v1/models/load",
+                                retry_after=5.0)
+        raise ModelNotFound(
+            f"model {name!r} not found; known models: {', '.join(self.known)}", param="model"
+        )
+
+    def lookup(self, name: str) -> ModelSpec:
+        """A model by exact id or alias (no fallback), else 404."""
+        if name in self._names:
+            return self.known[self._names[name]]
+        raise ModelNotFound(
+            f"model {name!r} not found; known models: {', '.join(self.known)}", param="model"
+        )
+
+    def statuses(self) -> list[ModelStatus]:
+        out: list[ModelStatus] = []
+        for spec in self.known.values():
+            slot = self._loaded.get(spec.id)
+            if slot is not None:
+                out.append(ModelStatus(spec, "loaded", slot.engine.info, slot.expires_at,
+                                       slot.keep_alive, slot.in_flight))
+            else:
+                out.append(ModelStatus(spec, "loading" if spec.id in self._pending
+                                       else "not-loaded", keep_alive=spec.ttl))
+        return out
 
     @property
     def state(self) -> HostState:
-        if self._loading is not None:
-            return "loading"
-        return "ready" if self._slot is not None else "no_model"
+        if self._loaded:
+            return "ready"
+        return "loading" if self._pending else "no_model"
+
+    @property
+    def loading(self) -> list[str]:
+        return list(self._pending)
 
     @property
     def engine(self) -> EngineProtocol | None:
-        return self._slot.engine if self._slot else None
+        """The most recently used loaded engine."""
+        return self._loaded[next(reversed(self._loaded))].engine if self._loaded else None
 
     @property
     def admission(self) -> Admission | None:
-        return self._slot.admission if self._slot else None
+        return self._loaded[next(reversed(self._loaded))].admission if self._loaded else None
 
-    def lease(self) -> Lease:
-        """Admit one request to the current engine, or raise a 503 at once."""
-        if self._loading is not None:
-            raise ModelLoading(f"a model is loading ({self._loading}); retry shortly",
-                               retry_after=5.0)
-        if self._slot is None:
-            raise NoModelLoaded(
-                "no model is loaded; load one with POST /v1/models/load", retry_after=5.0
-            )
-        ticket = self._slot.admission.reserve()
-        return Lease(self._slot, ticket)
+    # -- requests ------------------------------------------------------------------------------
 
-    async def load(self, path: str) -> EngineProtocol:
-        """Load ``path`` and make it current. Raises what the loader raises (old engine kept)."""
+    def lease(self, model: str | None = None) -> Lease:
+        """Admit one request to a loaded model, or raise at once (503 while it loads or when it
+        is not loaded, 404 for an unknown name). No JIT: see ``acquire``."""
+        spec = self.resolve(model)
+        slot = self._loaded.get(spec.id)
+        if slot is None:
+            self._raise_not_ready(spec)
+        return self._admit(slot, KEEP)
+
+    async def acquire(self, model: str | None = None, keep_alive: object = KEEP) -> Lease:
+        """Like ``lease``, but a known model that is not loaded is loaded first (JIT).
+        ``keep_alive`` (seconds, None = forever) replaces the model's keep-alive."""
+        spec = self.resolve(model)
+        slot = self._loaded.get(spec.id)
+        if slot is not None:
+            return self._admit(slot, keep_alive)
+        if self._pending:
+            # Loads run one at a time; starting another now would only thrash (or unload the
+            # model that is being loaded): ask the client to come back.
+            loading = ", ".join(self._pending)
+            raise ModelLoading(f"model {loading} is loading; retry shortly", retry_after=5.0)
+        slot = await self._load_held(spec)
+        try:
+            return self._admit(slot, keep_alive)
+        finally:
+            slot.drop()
+
+    def _raise_not_ready(self, spec: ModelSpec) -> NoReturn:
+        if spec.id in self._pending:
+            raise ModelLoading(f"model {spec.id} is loading; retry shortly", retry_after=5.0)
+        raise NoModelLoaded(f"model {spec.id} is not loaded; load it with POST /v1/models/load",
+                            retry_after=5.0)
+
+    def _admit(self, slot: _Slot, keep_alive: object) -> Lease:
+        ticket = slot.admission.reserve()
+        if keep_alive is not KEEP:
+            slot.keep_alive = keep_alive if isinstance(keep_alive, float | int) else None
+        # A slot just loaded for this caller may already be on its way out (another load
+        # chose it while the caller woke up): it still serves this request before closing.
+        if self._loaded.get(slot.spec.id) is slot:
+            self._loaded.move_to_end(slot.spec.id)
+        return Lease(slot, ticket)
+
+    # -- loading and unloading -----------------------------------------------------------------
+
+    async def load(self, target: str) -> EngineProtocol:
+        """Load a model by id, alias or path (a new path becomes a known model once it has
+        loaded). Returns the engine; raises ModelLoadError (models kept serving) or 404."""
+        spec = self._target_spec(target)
+        slot = self._loaded.get(spec.id)
+        if slot is not None:
+            self._loaded.move_to_end(spec.id)
+            return slot.engine
+        if spec.id in self._pending:
+            self._raise_not_ready(spec)
+        slot = await self._load_held(spec)
+        slot.drop()
+        return slot.engine
+
+    def _target_spec(self, target: str) -> ModelSpec:
+        if target in self._names:
+            return self.known[self._names[target]]
+        path = Path(target).expanduser()
+        if not (target.endswith(".gguf") or "/" in target or "\\" in target or path.exists()):
+            return self.lookup(target)
+        resolved = path.resolve()
+        for spec in self.known.values():
+            if spec.path.resolve() == resolved:
+                return spec
+        spec = self._spec_for_path(path)
+        n, base = 1, spec.id
+        while spec.id in self._names:
+            n += 1
+            spec = spec.model_copy(update={"id": f"{base}-{n}"})
+        return spec
+
+    async def _load_held(self, spec: ModelSpec) -> _Slot:
+        """Load ``spec`` in a task of its own (a caller that goes away does not abandon a load
+        half-way) and return its slot with one hold taken for the caller."""
+        task = asyncio.create_task(self._load(spec))
+        self._pending[spec.id] = task
+        task.add_done_callback(lambda _t: self._pending.pop(spec.id, None))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_drop_hold)
+            raise
+
+    async def _load(self, spec: ModelSpec) -> _Slot:
         async with self._lock:
-            self._loading = path
-            try:
-                engine = await anyio.to_thread.run_sync(self._loader, path)
-            finally:
-                self._loading = None
-            old, self._slot = self._slot, self._wrap(engine)
-        if old is not None:
-            await self._retire(old)
-        log.info("loaded %s as %s", path, engine.info.id)
-        return engine
+            slot = self._loaded.get(spec.id)
+            if slot is None:
+                if self._check is not None:
+                    await anyio.to_thread.run_sync(self._check, spec)
+                evicted: list[ModelSpec] = []
+                while len(self._loaded) >= self.max_loaded_models:
+                    victim = min(self._loaded.values(),
+                                 key=lambda s: (s.in_flight > 0, s.last_used))
+                    log.info("unloading %s to make room for %s", victim.spec.id, spec.id)
+                    evicted.append(victim.spec)
+                    await self._retire(victim)
+                try:
+                    slot = await self._load_now(spec)
+                except BaseException:
+                    for old in evicted:
+                        try:
+                            await self._load_now(old)
+                        except Exception as exc:  # the original error is the one to report
+                            log.error("could not load %s back: %s", old.id, exc)
+                    raise
+            slot.hold()
+            return slot
 
-    async def unload(self) -> bool:
+    async def _load_now(self, spec: ModelSpec) -> _Slot:
+        log.info("loading %s from %s", spec.id, spec.path)
+        t0 = time.monotonic()
+        engine = await anyio.to_thread.run_sync(self._loader, spec)
+        self._register(spec)
+        slot = self._wrap(spec, engine)
+        self._loaded[spec.id] = slot
+        log.info("loaded %s in %.1f s", spec.id, time.monotonic() - t0)
+        self._schedule_expiry(slot)
+        return slot
+
+    def _wrap(self, spec: ModelSpec, engine: EngineProtocol) -> _Slot:
+        admission = Admission(parallel=engine.info.n_parallel, max_queue=self.max_queue)
+        return _Slot(spec, engine, admission, self._schedule_expiry)
+
+    async def unload(self, model: str | None = None) -> bool:
+        """Unload one model (by id or alias) or, with None, all. False if none was loaded."""
+        target = self.lookup(model).id if model else None
         async with self._lock:
-            old, self._slot = self._slot, None
-        if old is None:
-            return False
-        await self._retire(old)
-        return True
+            slots = [s for mid, s in self._loaded.items() if target in (None, mid)]
+            for slot in slots:
+                await self._retire(slot)
+        return bool(slots)
 
     async def _retire(self, slot: _Slot) -> None:
+        """Take the slot out of service now; close its engine once its requests are done.
+        Called with the lock held."""
+        self._loaded.pop(slot.spec.id, None)
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
         await slot.idle.wait()
         await anyio.to_thread.run_sync(slot.engine.close)
+        log.info("unloaded %s", slot.spec.id)
+
+    # -- keep-alive ----------------------------------------------------------------------------
+
+    def _schedule_expiry(self, slot: _Slot) -> None:
+        if slot.keep_alive is None or self._loaded.get(slot.spec.id) is not slot:
+            return
+        loop = asyncio.get_running_loop()
+        slot.expires_at = time.time() + slot.keep_alive
+        slot.timer = loop.call_later(slot.keep_alive, self._expire, slot)
+
+    def _expire(self, slot: _Slot) -> None:
+        slot.timer = None
+        task = asyncio.ensure_future(self._unload_if_idle(slot))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unload_if_idle(self, slot: _Slot) -> None:
+        async with self._lock:
+            if self._loaded.get(slot.spec.id) is slot and slot.in_flight == 0:
+                log.info("unloading %s: idle for %.0f s", slot.spec.id, slot.keep_alive or 0)
+                await self._retire(slot)
+
+    def start(self) -> None:
+        """Start the keep-alive countdown of the models loaded before the server ran."""
+        for slot in self._loaded.values():
+            if slot.timer is None and slot.in_flight == 0:
+                self._schedule_expiry(slot)
 
     async def close(self) -> None:
+        # a load or idle unload under way finishes first (its errors were reported already)
+        await asyncio.gather(*self._pending.values(), *self._tasks, return_exceptions=True)
         await self.unload()
 
+
+def _drop_hold(task: asyncio.Task[_Slot]) -> None:
+    """The caller of a load went away: give back the hold it would have turned into a lease."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().drop()

@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -13,14 +13,14 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from llmserve.config import demo_model_path
+from llmserve.config import ModelSpec, demo_model_path
 from llmserve.registry import ModelHost
 from llmserve.server.app import create_app
 from llmserve.server.generation import Limits
 from tests.fakes import FakeEngine
 
 
-def _no_loader(path: str) -> FakeEngine:
+def _no_loader(spec: ModelSpec) -> FakeEngine:
     raise AssertionError("this test app has no loader")
 
 
@@ -31,9 +31,13 @@ def make_app() -> Callable[..., Starlette]:
         *,
         max_queue: int = 4,
         limits: Limits | None = None,
-        loader: Callable[[str], FakeEngine] = _no_loader,
+        loader: Callable[[ModelSpec], FakeEngine] = _no_loader,
+        specs: Sequence[ModelSpec] = (),
+        max_loaded_models: int = 1,
+        check: Callable[[ModelSpec], object] | None = None,
     ) -> Starlette:
-        host = ModelHost(loader, max_queue=max_queue, engine=engine)
+        host = ModelHost(loader, max_queue=max_queue, engine=engine, specs=specs,
+                         max_loaded_models=max_loaded_models, check=check)
         return create_app(host, limits=limits)
 
     return make

@@ -38,7 +38,7 @@ def _bad_files(tmp_path: Path, demo: Path) -> dict[str, tuple[Path, str]]:
         "directory": (tmp_path, "is a directory"),
         "not-gguf": (text, "not a GGUF file"),
         "header-cut": (tiny, "truncated"),
-        "data-cut": (truncated, "could not load"),
+        "data-cut": (truncated, "truncated"),
     }
 
 

@@ -58,10 +58,17 @@ class Engine:
         n_parallel: int = 1,
         chat_template: str | None = None,
         progress: Callable[[float], None] | None = None,
+        flash_attn: bool | None = None,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
+        rope_scaling: str | None = None,
+        rope_freq_base: float | None = None,
+        rope_freq_scale: float | None = None,
     ) -> Engine:
         """Load a GGUF (blocking). Raises ModelLoadError for anything wrong with the file.
 
         ``n_gpu_layers=None`` offloads every layer when this llama.cpp build can, else none.
+        ``flash_attn=None`` lets llama.cpp decide; the rope options override the GGUF's.
         """
         if n_gpu_layers is None:
             n_gpu_layers = -1 if supports_gpu_offload() else 0
@@ -74,6 +81,12 @@ class Engine:
             n_threads=n_threads,
             n_parallel=n_parallel,
             progress=progress,
+            flash_attn=flash_attn,
+            cache_type_k=cache_type_k,
+            cache_type_v=cache_type_v,
+            rope_scaling=rope_scaling,
+            rope_freq_base=rope_freq_base,
+            rope_freq_scale=rope_freq_scale,
         )
         try:
             return cls(model, model_id or model.path.stem, chat_template)

@@ -19,14 +19,16 @@ import llama_cpp
 
 from llmserve.errors import ModelLoadError
 
-log = logging.getLogger("llmserve.llama")
+log = logging.getLogger("llmserve.llama")  # llama.cpp's own log lines
+engine_log = logging.getLogger("llmserve.engine")
 
 GGUF_MAGIC = b"GGUF"
 
 # llama.cpp reports why a load failed only through its log. Keep the last lines so an error can
 # say more than "failed to load"; they are shown to the user, never parsed.
 _recent_errors: collections.deque[str] = collections.deque(maxlen=8)
-_log_levels = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
+_log_levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
@@ -64,6 +66,102 @@ def system_info() -> str:
     return raw.decode("utf-8", errors="replace").strip()
 
 
+def build_info() -> dict[str, object]:
+    """What this llama.cpp build can do: GPU offload, its backends and devices (with free and
+    total memory), mmap/mlock support and llama.cpp's system-info line."""
+    init_backend()
+    return {
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "mmap": bool(llama_cpp.llama_supports_mmap()),
+        "mlock": bool(llama_cpp.llama_supports_mlock()),
+        "rpc": bool(llama_cpp.llama_supports_rpc()),
+        "backends": _ggml.backends(),
+        "devices": _ggml.devices(),
+        "system_info": system_info(),
+    }
+
+
+_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+class _GgmlRegistry:
+    """ggml's backend registry, read through libggml (llama-cpp-python binds no ggml_backend_*
+    functions). Absent or different symbols give empty lists, never an error."""
+
+    def __init__(self) -> None:
+        self._lib: ctypes.CDLL | None = None
+        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
+            if (lib_dir / name).exists():
+                try:
+                    lib = ctypes.CDLL(str(lib_dir / name))
+                    for fn, res, args in [
+                        ("ggml_backend_reg_count", ctypes.c_size_t, []),
+                        ("ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                        ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                        ("ggml_backend_dev_count", ctypes.c_size_t, []),
+                        ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                        ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                        ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+                        ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+                        ("ggml_backend_dev_memory", None,
+                         [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                          ctypes.POINTER(ctypes.c_size_t)]),
+                    ]:
+                        getattr(lib, fn).restype = res
+                        getattr(lib, fn).argtypes = args
+                    self._lib = lib
+                except (OSError, AttributeError):
+                    self._lib = None
+                break
+
+    def backends(self) -> list[str]:
+        lib = self._lib
+        if lib is None:
+            return []
+        return [lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode()
+                for i in range(lib.ggml_backend_reg_count())]
+
+    def devices(self) -> list[dict[str, object]]:
+        lib = self._lib
+        if lib is None:
+            return []
+        out: list[dict[str, object]] = []
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            out.append({
+                "name": lib.ggml_backend_dev_name(dev).decode(errors="replace"),
+                "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
+                "type": _DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "unknown"),
+                "memory_free": free.value,
+                "memory_total": total.value,
+            })
+        return out
+
+
+_ggml = _GgmlRegistry()
+
+_FLASH_ATTN = {
+    None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+_ROPE_SCALING = {
+    "none": llama_cpp.LLAMA_ROPE_SCALING_TYPE_NONE,
+    "linear": llama_cpp.LLAMA_ROPE_SCALING_TYPE_LINEAR,
+    "yarn": llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN,
+}
+
+
+def _cache_type(name: str) -> int:
+    value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if not isinstance(value, int):
+        raise ModelLoadError(f"unknown KV cache type {name!r}", param="cache_type")
+    return value
+
+
 def check_gguf_file(path: str | os.PathLike[str]) -> Path:
     """Fail early, with a clear message, on anything that is not a readable GGUF file."""
     p = Path(path).expanduser()
@@ -85,10 +183,12 @@ def check_gguf_file(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _last_llama_error() -> str:
+def _llama_error_detail() -> str:
+    """The first error llama.cpp logged since the load began: the cause ("unknown model
+    architecture: 'x'"); later lines only say that loading failed."""
     lines = [line for line in _recent_errors if line]
     _recent_errors.clear()
-    return lines[-1] if lines else ""
+    return lines[0] if lines else ""
 
 
 class LoadedModel:
@@ -108,6 +208,12 @@ class LoadedModel:
         n_parallel: int = 1,
         n_batch: int = 512,
         progress: Callable[[float], None] | None = None,
+        flash_attn: bool | None = None,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
+        rope_scaling: str | None = None,
+        rope_freq_base: float | None = None,
+        rope_freq_scale: float | None = None,
     ) -> None:
         init_backend()
         self.path = check_gguf_file(path)
@@ -128,7 +234,7 @@ class LoadedModel:
         _recent_errors.clear()
         model = llama_cpp.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
         if not model:
-            detail = _last_llama_error()
+            detail = _llama_error_detail()
             raise ModelLoadError(
                 f"llama.cpp could not load {self.path}"
                 + (f": {detail}" if detail else " (corrupt, truncated or unsupported GGUF)"),
@@ -153,9 +259,24 @@ class LoadedModel:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
+        cparams.type_k = _cache_type(cache_type_k)
+        cparams.type_v = _cache_type(cache_type_v)
+        if rope_scaling is not None:
+            cparams.rope_scaling_type = _ROPE_SCALING[rope_scaling]
+        if rope_freq_base is not None:
+            cparams.rope_freq_base = rope_freq_base
+        if rope_freq_scale is not None:
+            cparams.rope_freq_scale = rope_freq_scale
+        if cparams.n_ctx > self.n_ctx_train > 0:
+            engine_log.warning(
+                "%s: ctx_size %d is above the model's trained context of %d tokens; answers "
+                "past %d tokens may degrade unless rope scaling is configured",
+                self.path.name, cparams.n_ctx, self.n_ctx_train, self.n_ctx_train,
+            )
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
-            detail = _last_llama_error()
+            detail = _llama_error_detail()
             self.close()
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {self.path}"

@@ -7,9 +7,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from llmserve.config import Duration
+
+T = TypeVar("T")
 
 
 class _Request(BaseModel):
@@ -90,6 +101,23 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # How long the model stays loaded once idle: LM Studio's ttl (seconds), Ollama's keep_alive
+    # ("5m", seconds; negative = forever, 0 = unload after this request).
+    ttl: float | None = None
+    keep_alive: Duration = None
+
+    def keep_alive_seconds(self, default: T) -> float | T | None:
+        """The request's keep-alive in seconds (None = forever), or ``default`` if it gave
+        none."""
+        if "keep_alive" in self.model_fields_set:
+            return self.keep_alive
+        if "ttl" in self.model_fields_set and self.ttl is not None:
+            return None if self.ttl < 0 else self.ttl
+        return default
+
+    def explicit_fields(self) -> set[str]:
+        """The fields this request set to a value (not null)."""
+        return {name for name in self.model_fields_set if getattr(self, name) is not None}
 
     @field_validator("stop")
     @classmethod
@@ -135,11 +163,13 @@ class CompletionRequest(_Sampling):
 
 
 class LoadModelRequest(_Request):
-    model: str = Field(min_length=1)
+    """A model id or alias, or a GGUF path (``id`` is accepted for ``model``)."""
+
+    model: str = Field(min_length=1, validation_alias=AliasChoices("model", "id"))
 
 
 class UnloadModelRequest(_Request):
-    model: str | None = None
+    model: str | None = Field(default=None, validation_alias=AliasChoices("model", "id"))
 
 
 # -- responses ------------------------------------------------------------------------------

@@ -12,18 +12,19 @@ from llmserve.errors import LlmserveError
 from llmserve.registry import ModelHost
 from llmserve.server.errors import handle_http_exception, handle_llmserve_error, handle_unexpected
 from llmserve.server.generation import Limits
-from llmserve.server.routes import health, models, openai
+from llmserve.server.routes import health, models, openai, system
 from llmserve.server.state import AppState
 
 
 def create_app(host: ModelHost, *, limits: Limits | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        host.start()
         yield
         await host.close()
 
     app = Starlette(
-        routes=[*health.routes, *models.routes, *openai.routes],
+        routes=[*health.routes, *models.routes, *openai.routes, *system.routes],
         exception_handlers={
             LlmserveError: handle_llmserve_error,
             HTTPException: handle_http_exception,

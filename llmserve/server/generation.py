@@ -6,8 +6,11 @@ only translates its protocol.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio.to_thread
 
@@ -20,7 +23,7 @@ from llmserve.engine.types import (
     TokenEvent,
 )
 from llmserve.errors import ContextLengthExceeded, EngineError, InvalidRequest
-from llmserve.registry import Lease, ModelHost
+from llmserve.registry import KEEP, Lease, ModelHost
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,14 @@ class Generation:
         return self.stream.__aiter__()
 
 
+def with_model_defaults(
+    sampling: SamplingParams, defaults: Mapping[str, Any], explicit: AbstractSet[str]
+) -> SamplingParams:
+    """The model's configured sampling defaults for every field the request did not set."""
+    fill = {k: v for k, v in defaults.items() if k not in explicit}
+    return dataclasses.replace(sampling, **fill) if fill else sampling
+
+
 async def start(
     host: ModelHost,
     build_prompt: Callable[[EngineProtocol], list[int]],
@@ -122,11 +133,17 @@ async def start(
     sampling: SamplingParams,
     stop: list[str],
     limits: Limits,
+    model: str | None = None,
+    keep_alive: object = KEEP,
+    explicit_sampling: AbstractSet[str] = frozenset(),
 ) -> Generation:
-    """Admit, prepare and submit. Admission comes first (503 before any templating); on any
-    later error the admission place is given back before raising."""
-    lease = host.lease()
+    """Admit (loading ``model`` first if needed), prepare and submit. Admission comes first
+    (503 before any templating); on any later error the admission place is given back before
+    raising. ``explicit_sampling``: the sampling fields the request set, which the model's
+    configured defaults do not override."""
+    lease = await host.acquire(model, keep_alive)
     engine = lease.engine
+    sampling = with_model_defaults(sampling, lease.sampling_defaults, explicit_sampling)
     try:
         prompt = await prepare_prompt(engine, build_prompt)
         if not prompt:

@@ -13,6 +13,7 @@ from starlette.routing import Route
 from llmserve.engine.types import EngineProtocol, Finish, SamplingParams, TokenEvent
 from llmserve.errors import InvalidRequest
 from llmserve.protocol import openai as oa
+from llmserve.registry import KEEP
 from llmserve.server import sse
 from llmserve.server.errors import error_payload
 from llmserve.server.generation import Generation, check_finish, collect, logit_bias_pairs, start
@@ -74,6 +75,9 @@ async def chat_completions(request: Request) -> Response:
         sampling=sampling,
         stop=req.stop_list(),
         limits=state.limits,
+        model=req.model,
+        keep_alive=req.keep_alive_seconds(KEEP),
+        explicit_sampling=req.explicit_fields(),
     )
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("chatcmpl"), oa.now()
@@ -151,6 +155,9 @@ async def completions(request: Request) -> Response:
         sampling=sampling,
         stop=req.stop_list(),
         limits=state.limits,
+        model=req.model,
+        keep_alive=req.keep_alive_seconds(KEEP),
+        explicit_sampling=req.explicit_fields(),
     )
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("cmpl"), oa.now()

@@ -1,0 +1,369 @@
+"""Tier 2: the multi-model registry with FakeEngine loaders — JIT, LRU, safe swap, failed loads,
+keep-alive — and the model endpoints built on it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from llmserve.config import ModelSpec
+from llmserve.errors import ModelLoadError, ModelLoading, ModelNotFound
+from llmserve.registry import KEEP, ModelHost
+from tests.fakes import FakeEngine, Script
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+def spec(model_id: str, **kw: object) -> ModelSpec:
+    return ModelSpec(id=model_id, path=Path(f"/models/{model_id}.gguf"), **kw)  # type: ignore[arg-type]
+
+
+class FakeLoader:
+    """Makes a FakeEngine per load; ``fail`` ids raise like a corrupt GGUF; ``gate`` holds every
+    load until set."""
+
+    def __init__(self, fail: frozenset[str] = frozenset(), script: Script | None = None) -> None:
+        self.fail = fail
+        self.script = script
+        self.gate: threading.Event | None = None
+        self.loads: list[str] = []
+        self.engines: list[FakeEngine] = []
+
+    def __call__(self, s: ModelSpec) -> FakeEngine:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        self.loads.append(s.id)
+        if s.id in self.fail:
+            raise ModelLoadError(f"llama.cpp could not load {s.path}", param="model")
+        engine = FakeEngine(model_id=s.id)
+        if self.script is not None:
+            engine.script = self.script
+        self.engines.append(engine)
+        return engine
+
+    def engine(self, model_id: str) -> FakeEngine:
+        return [e for e in self.engines if e.info.id == model_id][-1]
+
+
+def host_with(*ids: str, loader: FakeLoader | None = None, **kw: object) -> ModelHost:
+    return ModelHost(loader or FakeLoader(), max_queue=4, specs=[spec(i) for i in ids],
+                     **kw)  # type: ignore[arg-type]
+
+
+async def test_jit_loads_and_lru_unloads_first() -> None:
+    loader = FakeLoader()
+    host = host_with("a", "b", loader=loader)
+    lease = await host.acquire("a")
+    assert lease.engine.info.id == "a"
+    lease.release()
+    lease = await host.acquire("b")
+    assert lease.engine.info.id == "b"
+    lease.release()
+    assert loader.loads == ["a", "b"]
+    assert loader.engine("a").closed and not loader.engine("b").closed
+    assert {s.spec.id: s.state for s in host.statuses()} == {"a": "not-loaded", "b": "loaded"}
+    await host.close()
+    assert loader.engine("b").closed
+
+
+async def test_least_recently_used_goes_first() -> None:
+    loader = FakeLoader()
+    host = host_with("a", "b", "c", loader=loader, max_loaded_models=2)
+    for model in ("a", "b", "a", "c"):
+        (await host.acquire(model)).release()
+    assert loader.engine("b").closed and not loader.engine("a").closed
+    assert [s.spec.id for s in host.statuses() if s.state == "loaded"] == ["a", "c"]
+
+
+async def test_idle_model_is_evicted_before_a_busy_one() -> None:
+    loader = FakeLoader()
+    host = host_with("a", "b", "c", loader=loader, max_loaded_models=2)
+    busy = await host.acquire("a")  # least recently used, but in use
+    (await host.acquire("b")).release()
+    (await host.acquire("c")).release()
+    assert loader.engine("b").closed and not loader.engine("a").closed
+    busy.release()
+
+
+async def test_swap_waits_for_in_flight_requests() -> None:
+    loader = FakeLoader()
+    host = host_with("a", "b", loader=loader)
+    lease_a = await host.acquire("a")
+    swap = asyncio.ensure_future(host.acquire("b"))
+    await asyncio.sleep(0.1)
+    assert not swap.done() and not loader.engine("a").closed
+    assert loader.loads == ["a"]  # b waits: a is unloaded first, after its request
+    lease_a.release()
+    lease_b = await asyncio.wait_for(swap, 5)
+    assert loader.engine("a").closed and lease_b.engine.info.id == "b"
+    lease_b.release()
+
+
+async def test_requests_for_a_loading_model_get_503() -> None:
+    loader = FakeLoader()
+    loader.gate = threading.Event()
+    host = host_with("a", "b", loader=loader)
+    first = asyncio.ensure_future(host.acquire("a"))
+    await asyncio.sleep(0.05)
+    assert host.state == "loading" and host.loading == ["a"]
+    with pytest.raises(ModelLoading):
+        await host.acquire("a")
+    with pytest.raises(ModelLoading):
+        host.lease("a")
+    loader.gate.set()
+    (await asyncio.wait_for(first, 5)).release()
+    assert host.state == "ready"
+
+
+async def test_failed_load_puts_back_what_it_unloaded() -> None:
+    loader = FakeLoader(fail=frozenset({"bad"}))
+    host = host_with("a", "bad", loader=loader)
+    (await host.acquire("a")).release()
+    with pytest.raises(ModelLoadError):
+        await host.acquire("bad")
+    assert loader.loads == ["a", "bad", "a"]
+    lease = await host.acquire("a")  # serving again
+    assert lease.engine.info.id == "a"
+    lease.release()
+
+
+async def test_failed_check_unloads_nothing() -> None:
+    loader = FakeLoader()
+
+    def check(s: ModelSpec) -> None:
+        if s.id == "bad":
+            raise ModelLoadError("bad.gguf is truncated", param="model")
+
+    host = host_with("a", "bad", loader=loader, check=check)
+    (await host.acquire("a")).release()
+    with pytest.raises(ModelLoadError, match="truncated"):
+        await host.load("bad")
+    assert loader.loads == ["a"] and not loader.engine("a").closed
+
+
+async def test_names() -> None:
+    host = ModelHost(FakeLoader(), max_queue=1, specs=[spec("a", aliases=["gpt-4o"]), spec("b")])
+    assert host.resolve("gpt-4o").id == "a"
+    assert host.resolve(None).id == "a"  # nothing loaded: the first known
+    with pytest.raises(ModelNotFound, match="known models: a, b"):
+        host.resolve("c")
+    single = ModelHost(FakeLoader(), max_queue=1, specs=[spec("only")])
+    assert single.resolve("whatever SillyTavern sends").id == "only"
+    with pytest.raises(ModelNotFound):
+        single.lookup("whatever")
+
+
+async def test_caller_that_leaves_mid_load_does_not_leak_the_model() -> None:
+    loader = FakeLoader()
+    loader.gate = threading.Event()
+    host = host_with("a", "b", loader=loader)
+    waiting = asyncio.ensure_future(host.acquire("a"))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    loader.gate.set()
+    for _ in range(100):
+        if host.state == "ready":
+            break
+        await asyncio.sleep(0.02)
+    assert host.statuses()[0].in_flight == 0
+    (await host.acquire("b")).release()  # a is idle, so it can be unloaded
+    assert loader.engine("a").closed
+
+
+# -- keep-alive ---------------------------------------------------------------------------------
+
+
+async def test_ttl_unloads_an_idle_model_and_the_next_request_reloads_it() -> None:
+    loader = FakeLoader()
+    host = ModelHost(loader, max_queue=1, specs=[spec("a", ttl=0.2)])
+    (await host.acquire("a")).release()
+    status = host.statuses()[0]
+    assert status.state == "loaded" and status.expires_at is not None
+    assert status.expires_at == pytest.approx(time.time() + 0.2, abs=0.1)
+    await asyncio.sleep(0.5)
+    assert host.statuses()[0].state == "not-loaded" and loader.engine("a").closed
+    (await host.acquire("a")).release()
+    assert loader.loads == ["a", "a"]
+
+
+async def test_ttl_counts_from_the_end_of_the_last_request() -> None:
+    host = ModelHost(FakeLoader(), max_queue=1, specs=[spec("a", ttl=0.2)])
+    lease = await host.acquire("a")
+    await asyncio.sleep(0.4)
+    assert host.statuses()[0].state == "loaded"  # busy: never unloaded
+    lease.release()
+    await asyncio.sleep(0.1)
+    assert host.statuses()[0].state == "loaded"
+    await asyncio.sleep(0.3)
+    assert host.statuses()[0].state == "not-loaded"
+
+
+@pytest.mark.parametrize("keep_alive, loaded_after", [(0.0, False), (None, True), (KEEP, True)],
+                         ids=["zero-unloads-after-the-request", "negative-is-forever",
+                              "unset-keeps-the-config"])
+async def test_request_keep_alive(keep_alive: object, loaded_after: bool) -> None:
+    host = ModelHost(FakeLoader(), max_queue=1, specs=[spec("a", ttl=None)])
+    (await host.acquire("a", keep_alive)).release()
+    await asyncio.sleep(0.1)
+    assert (host.statuses()[0].state == "loaded") is loaded_after
+
+
+# -- over HTTP ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_models(make_app: Callable[..., Starlette]) -> tuple[TestClient, FakeLoader]:
+    loader = FakeLoader(fail=frozenset({"corrupt"}))
+    app = make_app(loader=loader, specs=[spec("a", aliases=["alpha"]), spec("b"),
+                                         spec("corrupt")])
+    return TestClient(app, raise_server_exceptions=False), loader
+
+
+def test_chat_names_the_model_and_jit_loads_it(two_models: tuple[TestClient, FakeLoader]
+                                               ) -> None:
+    client, loader = two_models
+    with client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "no_model"
+        r = client.post("/v1/chat/completions", json={**CHAT, "model": "alpha"})
+        assert r.status_code == 200 and r.json()["model"] == "a"
+        r = client.post("/v1/completions", json={"prompt": "x", "model": "b"})
+        assert r.status_code == 200 and r.json()["model"] == "b"
+        assert loader.engine("a").closed
+        assert client.get("/health").json()["models"] == {"loaded": ["b"], "loading": []}
+        r = client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-5"})
+        assert r.status_code == 404
+        error = r.json()["error"]
+        assert error["code"] == "model_not_found" and "a, b, corrupt" in error["message"]
+
+
+def test_failed_jit_load_is_a_clear_400_and_the_old_model_keeps_serving(
+    two_models: tuple[TestClient, FakeLoader],
+) -> None:
+    client, _ = two_models
+    with client:
+        assert client.post("/v1/chat/completions", json={**CHAT, "model": "a"}).status_code == 200
+        r = client.post("/v1/chat/completions", json={**CHAT, "model": "corrupt"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_load_failed"
+        r = client.post("/v1/chat/completions", json={**CHAT, "model": "a"})
+        assert r.status_code == 200
+
+
+def test_model_listings(two_models: tuple[TestClient, FakeLoader]) -> None:
+    client, _ = two_models
+    with client:
+        client.post("/v1/models/load", json={"model": "b"})
+        data = client.get("/v1/models").json()["data"]
+        assert [(m["id"], m["state"]) for m in data] == [
+            ("a", "not-loaded"), ("b", "loaded"), ("corrupt", "not-loaded")]
+        # /models/... are fake paths: the listing says why their metadata is missing
+        assert all("not found" in m["error"] for m in data)
+        assert data[0]["aliases"] == ["alpha"] and data[1]["n_ctx"] == 256
+        assert client.get("/models/available").json()["data"] == data
+        assert [m["id"] for m in client.get("/models/current").json()["data"]] == ["b"]
+        assert client.get("/v1/models/alpha").json()["id"] == "a"
+        lm = client.get("/api/v0/models").json()["data"]
+        assert [(m["id"], m["state"], m["type"]) for m in lm] == [
+            ("a", "not-loaded", "llm"), ("b", "loaded", "llm"), ("corrupt", "not-loaded", "llm")]
+        assert lm[1]["loaded_context_length"] == 256
+        assert client.get("/api/v0/models/b").json()["state"] == "loaded"
+        r = client.get("/api/v0/models/nope")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        ps = client.get("/api/ps").json()["models"]
+        assert [m["name"] for m in ps] == ["b"]
+        assert ps[0]["expires_at"] == "9999-12-31T23:59:59Z"  # no ttl: never
+
+
+def test_load_and_unload_by_id(two_models: tuple[TestClient, FakeLoader]) -> None:
+    client, loader = two_models
+    with client:
+        r = client.post("/models/load", json={"id": "a"})
+        assert r.status_code == 200 and r.json()["model"]["state"] == "loaded"
+        r = client.post("/v1/models/load", json={"model": "corrupt"})
+        assert r.status_code == 400 and "could not load" in r.json()["error"]["message"]
+        assert client.get("/health").json()["models"]["loaded"] == ["a"]
+        r = client.post("/v1/models/load", json={"model": "nope"})
+        assert r.status_code == 404
+        r = client.post("/v1/models/unload", json={"model": "b"})
+        assert r.json() == {"status": "no_model"}
+        r = client.post("/models/unload", json={"model": "alpha"})
+        assert r.json() == {"status": "unloaded"} and loader.engine("a").closed
+        r = client.post("/v1/models/unload", json={"model": "nope"})
+        assert r.status_code == 404
+
+
+def test_keep_alive_in_the_request(two_models: tuple[TestClient, FakeLoader]) -> None:
+    client, loader = two_models
+    with client:
+        r = client.post("/v1/chat/completions", json={**CHAT, "model": "a", "keep_alive": 0})
+        assert r.status_code == 200
+        for _ in range(50):
+            if loader.engine("a").closed:
+                break
+            time.sleep(0.02)
+        assert loader.engine("a").closed
+        r = client.post("/v1/chat/completions", json={**CHAT, "model": "a", "ttl": 600})
+        ps = client.get("/api/ps").json()["models"]
+        assert ps[0]["expires_at"] != "9999-12-31T23:59:59Z"
+        r = client.post("/v1/chat/completions", json={**CHAT, "model": "a", "keep_alive": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
+
+
+def test_model_sampling_defaults_fill_only_unset_fields(make_app: Callable[..., Starlette]
+                                                        ) -> None:
+    loader = FakeLoader()
+    app = make_app(loader=loader, specs=[spec("a", sampling={"temperature": 0.1, "top_k": 5})])
+    with TestClient(app) as client:
+        client.post("/v1/chat/completions", json={**CHAT, "temperature": 0.8})
+        client.post("/v1/chat/completions", json={**CHAT, "temperature": None})
+    first, second = (r.sampling for r in loader.engine("a").requests)
+    assert (first.temperature, first.top_k) == (0.8, 5)
+    assert (second.temperature, second.top_k) == (0.1, 5)
+
+
+def test_system_info(client: TestClient) -> None:
+    body = client.get("/system/info").json()
+    assert body["os"]["system"] and body["cpu"]["cores"] >= 1
+    assert body["ram"]["total_bytes"] > 0
+    assert isinstance(body["gpus"], list)
+    assert body["versions"]["llmserve"] and body["versions"]["llama_cpp_python"]
+    build = body["llama_cpp"]
+    assert isinstance(build["gpu_offload"], bool)
+    assert "CPU" in build["backends"]
+    assert build["system_info"].startswith("CPU")
+
+
+def test_nvidia_smi_output_is_parsed() -> None:
+    from llmserve.system_info import parse_smi_csv
+
+    gpus = parse_smi_csv("0, NVIDIA H100 80GB HBM3, 81559, 80000, 550.54.15\n")
+    assert gpus == [{"index": 0, "name": "NVIDIA H100 80GB HBM3",
+                     "memory_total_bytes": 81559 * 2**20, "memory_free_bytes": 80000 * 2**20,
+                     "driver": "550.54.15", "source": "nvidia-smi"}]
+
+
+async def test_health_says_loading_while_the_only_model_loads(
+    make_app: Callable[..., Starlette],
+) -> None:
+    loader = FakeLoader()
+    loader.gate = threading.Event()
+    app = make_app(loader=loader, specs=[spec("a")])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        chat = asyncio.ensure_future(c.post("/v1/chat/completions", json=CHAT))
+        await asyncio.sleep(0.1)
+        health = await c.get("/health")
+        assert health.status_code == 503
+        assert health.json() == {"status": "loading", "models": {"loaded": [], "loading": ["a"]}}
+        busy = await c.post("/v1/chat/completions", json=CHAT)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "model_loading"
+        loader.gate.set()
+        assert (await asyncio.wait_for(chat, 5)).status_code == 200
