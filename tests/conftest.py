@@ -17,6 +17,7 @@ from llmserve.config import demo_model_path
 from llmserve.registry import ModelHost
 from llmserve.server.app import create_app
 from llmserve.server.generation import Limits
+from llmserve.server.options import ServerOptions
 from tests.fakes import FakeEngine
 
 
@@ -31,10 +32,11 @@ def make_app() -> Callable[..., Starlette]:
         *,
         max_queue: int = 4,
         limits: Limits | None = None,
+        options: ServerOptions | None = None,
         loader: Callable[[str], FakeEngine] = _no_loader,
     ) -> Starlette:
         host = ModelHost(loader, max_queue=max_queue, engine=engine)
-        return create_app(host, limits=limits)
+        return create_app(host, limits=limits, options=options)
 
     return make
 
