@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
 from llmserve import __version__
@@ -42,7 +43,7 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -307,7 +308,8 @@ def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
         else "CPU only (this llama.cpp build has no GPU offload)"
     )
     err.print(f"[bold green]llmserve {__version__}[/] serving [bold]{info.id}[/]")
-    err.print(f"  model    {info.path}  ({info.description})", highlight=False)
+    err.print(f"  model    {escape(info.path)}  ({info.description})", highlight=False,
+              soft_wrap=True)
     err.print(f"  context  {info.n_ctx} tokens (trained {info.n_ctx_train}), "
               f"{info.n_parallel} slot(s), queue {settings.max_queue}")
     err.print(f"  offload  {offload}")

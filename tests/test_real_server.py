@@ -112,7 +112,8 @@ def test_queue_full_one_runs_one_waits_one_refused(
 ) -> None:
     server = start_server("--parallel", "1", "--max-queue", "1")
     client = sdk(server)
-    results: dict[int, object] = {}
+    results: dict[int, tuple[str, str | None, int] | openai.APIStatusError] = {}
+    ended: dict[int, float] = {}
 
     def stream(i: int) -> None:
         try:
@@ -120,27 +121,34 @@ def test_queue_full_one_runs_one_waits_one_refused(
                 model="x", messages=HELLO, max_tokens=48, temperature=0, stream=True,
                 stream_options={"include_usage": True})
             chunks = list(s)
-            results[i] = chunks[-1].usage
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            reason = next(c.choices[0].finish_reason for c in chunks
+                          if c.choices and c.choices[0].finish_reason)
+            usage = chunks[-1].usage
+            assert usage is not None
+            results[i] = (text, reason, usage.completion_tokens)
         except openai.APIStatusError as exc:
             results[i] = exc
+        ended[i] = time.monotonic()
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
-    t0 = time.monotonic()
-    refused_at: list[float] = []
     for t in threads:
         t.start()
         time.sleep(0.05)
     for t in threads:
         t.join(timeout=60)
-    errors = [r for r in results.values() if isinstance(r, openai.APIStatusError)]
-    done = [r for r in results.values() if not isinstance(r, openai.APIStatusError)]
-    assert len(errors) == 1 and len(done) == 2, results
-    assert errors[0].status_code == 503
-    assert errors[0].response.headers["retry-after"]
-    assert errors[0].code == "server_busy"
-    refused_at.append(time.monotonic() - t0)
-    # neither admitted stream was cut short: both report the same full generation
-    assert done[0] == done[1]
+    refused = [i for i, r in results.items() if isinstance(r, openai.APIStatusError)]
+    served = [i for i, r in results.items() if not isinstance(r, openai.APIStatusError)]
+    assert len(refused) == 1 and len(served) == 2, results
+    err = results[refused[0]]
+    assert isinstance(err, openai.APIStatusError)
+    assert err.status_code == 503
+    assert err.response.headers["retry-after"]
+    assert err.code == "server_busy"
+    # refused at once: before either admitted stream had finished
+    assert ended[refused[0]] < min(ended[i] for i in served)
+    # neither admitted stream was cut short: both carry the same full greedy generation
+    assert results[served[0]] == results[served[1]]
 
 
 def test_dropped_stream_frees_the_engine(start_server: Callable[..., ServerProcess]) -> None:

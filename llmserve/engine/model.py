@@ -60,7 +60,8 @@ def supports_gpu_offload() -> bool:
 
 def system_info() -> str:
     init_backend()
-    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+    raw: bytes = llama_cpp.llama_print_system_info()
+    return raw.decode("utf-8", errors="replace").strip()
 
 
 def check_gguf_file(path: str | os.PathLike[str]) -> Path:
@@ -167,6 +168,7 @@ class LoadedModel:
         self.n_parallel = n_parallel
         self.n_batch = n_batch
         self.n_threads = threads
+        self._pieces: dict[int, bytes] = {}
         self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos_id = int(llama_cpp.llama_vocab_eos(self.vocab))
 
@@ -227,6 +229,15 @@ class LoadedModel:
         return list(buf[:n])
 
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """A token's bytes; the plain (non-special) rendering is cached: it is on the hot path."""
+        if not special:
+            piece = self._pieces.get(token)
+            if piece is None:
+                piece = self._pieces[token] = self._render_piece(token, special=False)
+            return piece
+        return self._render_piece(token, special=True)
+
+    def _render_piece(self, token: int, *, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:

@@ -18,8 +18,11 @@ class OutputText:
     def push(self, piece: bytes) -> str:
         """Add one token's bytes; return the text that may be shown now.
 
-        After a stop string appears, ``stop_word`` is set and the text before it is returned.
+        After a stop string appears, ``stop_word`` is set, the text before it is returned, and
+        everything after is swallowed.
         """
+        if self.stop_word is not None:
+            return ""
         self._held += self._decoder.decode(piece)
         if not self._stop:
             out, self._held = self._held, ""

@@ -92,7 +92,7 @@ class Sampler:
                 pairs: Sequence[tuple[int, float]] = a[0]
                 arr = (llama_cpp.llama_logit_bias * len(pairs))()
                 for i, (token, bias) in enumerate(pairs):
-                    arr[i].token = token
+                    arr[i].token = token  # type: ignore[assignment]
                     arr[i].bias = bias
                 return llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(pairs), arr)
             case "penalties":

@@ -315,8 +315,10 @@ class Scheduler:
         for slot, _index, _tokens in fed:
             llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, len(slot.cached), -1)
         if rc == 2:
+            # Aborted because every slot reading a prompt was cancelled. The others lost only
+            # this step (their cache is back to ``cached``) and feed the same tokens again.
             for slot, _index, _tokens in fed:
-                if slot.job:
+                if slot.job and slot.job.stream.cancelled:
                     self._finish(slot, "cancelled")
             return
         if rc == 1:

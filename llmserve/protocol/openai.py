@@ -184,7 +184,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
-    timings: dict[str, float] | None = None
+    timings: dict[str, int | float] | None = None
 
 
 class Delta(BaseModel):
@@ -224,7 +224,7 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-    timings: dict[str, float] | None = None
+    timings: dict[str, int | float] | None = None
 
 
 class ModelCard(BaseModel):

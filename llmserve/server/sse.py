@@ -16,6 +16,7 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 import anyio
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
@@ -29,24 +30,29 @@ def event(payload: Mapping[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-class EventStreamResponse:
+class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncGenerator[bytes, None], headers: Mapping[str, str] | None = None):
-        self.body = body
-        self.headers = dict(headers or {})
+    def __init__(
+        self, body: AsyncGenerator[bytes, None], headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body_iterator = body
+        self.extra_headers = dict(headers or {})
+        self.init_headers(self.extra_headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
-            *((k.lower().encode(), v.encode()) for k, v in self.headers.items()),
+            *((k.lower().encode(), v.encode()) for k, v in self.extra_headers.items()),
         ]
         async with anyio.create_task_group() as tg:
             tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
             try:
-                async with aclosing(self.body) as body:
+                async with aclosing(self.body_iterator) as body:
                     await send({"type": "http.response.start", "status": 200, "headers": headers})
                     async for chunk in body:
                         await send({"type": "http.response.body", "body": chunk,

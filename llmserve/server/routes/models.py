@@ -14,18 +14,18 @@ from llmserve.server.state import AppState
 
 
 def model_card(info: ModelInfo) -> oa.ModelCard:
-    return oa.ModelCard(
-        id=info.id,
-        created=info.created,
-        owned_by="llmserve",
-        state="loaded",
-        path=info.path,
-        n_ctx=info.n_ctx,
-        n_ctx_train=info.n_ctx_train,
-        parallel=info.n_parallel,
-        size_bytes=info.size_bytes,
-        n_params=info.n_params,
-    )
+    return oa.ModelCard.model_validate({
+        "id": info.id,
+        "created": info.created,
+        "owned_by": "llmserve",
+        "state": "loaded",
+        "path": info.path,
+        "n_ctx": info.n_ctx,
+        "n_ctx_train": info.n_ctx_train,
+        "parallel": info.n_parallel,
+        "size_bytes": info.size_bytes,
+        "n_params": info.n_params,
+    })
 
 
 async def list_models(request: Request) -> JSONResponse:
