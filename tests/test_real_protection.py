@@ -104,7 +104,7 @@ def test_metrics_parse_and_match_the_requests_sent(
     prompt = completion = 0
     for reply in usages:
         if isinstance(reply, openai.Stream):
-            usage = [c.usage for c in reply if c.usage][0]
+            usage = next(c.usage for c in reply if c.usage)
         else:
             usage = reply.usage
         assert usage is not None
