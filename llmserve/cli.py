@@ -203,10 +203,10 @@ def run(
             host=host, port=port, model=model, alias=alias, ctx_size=ctx_size,
             n_gpu_layers=n_gpu_layers, threads=threads, chat_template=chat_template,
             parallel=parallel, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
-            api_keys=api_key or [], api_key_file=api_key_file, metrics_public=metrics_public,
+            api_key=api_key or [], api_key_file=api_key_file, metrics_public=metrics_public,
             rate_limit=rate_limit, rate_burst=rate_burst,
             max_body_size=max_body_size,  # type: ignore[arg-type]  # "4MB": Settings parses it
-            cors_origins=cors_origin or [],
+            cors_origin=cors_origin or [],
             log_format=log_format,  # type: ignore[arg-type]  # Settings checks text|json
             log_prompts=log_prompts,
             shutdown_timeout=shutdown_timeout,

@@ -33,18 +33,18 @@ class Settings(BaseModel):
     max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
     max_tokens_limit: int | None = Field(default=None, ge=1)
     # -- protection and observation (issue 5) --
-    api_keys: list[str] = Field(default_factory=list)
+    api_key: list[str] = Field(default_factory=list)  # field names match the (repeatable) flags
     api_key_file: Path | None = None
     metrics_public: bool = False
     rate_limit: str | None = None  # None: on (DEFAULT_RATE_LIMIT) off loopback, off on loopback
     rate_burst: int = Field(default=DEFAULT_RATE_BURST, ge=1)
     max_body_size: int = Field(default=DEFAULT_MAX_BODY_SIZE, ge=1)
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origin: list[str] = Field(default_factory=list)
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
 
-    @field_validator("api_keys")
+    @field_validator("api_key")
     @classmethod
     def _keys_are_tokens(cls, keys: list[str]) -> list[str]:
         for key in keys:
@@ -66,7 +66,7 @@ class Settings(BaseModel):
     def all_api_keys(self) -> tuple[str, ...]:
         """--api-key values plus the lines of --api-key-file (blank lines and # comments
         skipped). Raises ValueError for an unreadable file or a malformed key."""
-        keys = list(self.api_keys)
+        keys = list(self.api_key)
         if self.api_key_file is not None:
             try:
                 text = self.api_key_file.expanduser().read_text(encoding="utf-8")

@@ -103,7 +103,7 @@ def test_without_keys_any_authorization_header_is_ignored(
 def test_api_key_file_lines_comments_and_flags_merge(tmp_path: Path) -> None:
     keys = tmp_path / "keys.txt"
     keys.write_text("# service keys\nsk-a\n\n  sk-b  \n# sk-commented\nsk-flag\n")
-    settings = Settings(api_keys=["sk-flag"], api_key_file=keys)
+    settings = Settings(api_key=["sk-flag"], api_key_file=keys)
     assert settings.all_api_keys() == ("sk-flag", "sk-a", "sk-b")
     with pytest.raises(ValueError, match="cannot read"):
         Settings(api_key_file=tmp_path / "missing").all_api_keys()

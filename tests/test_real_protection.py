@@ -199,3 +199,14 @@ def test_a_second_ctrl_c_quits_at_once(start_server: Callable[..., ServerProcess
     assert server.proc.wait(10) == 130
     streaming.join(10)
     assert lines[-1].startswith("broken")  # cut off, not finished
+
+
+def test_beyond_loopback_without_a_key_warns_and_rate_limits_by_default(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    server = start_server("--host", "0.0.0.0")
+    with httpx.Client(base_url=server.url) as client:
+        codes = [client.get("/v1/models").status_code for _ in range(11)]
+    assert codes == [200] * 10 + [429]
+    log = server.stop()
+    assert "without an API key" in log and "60 requests per 60 s, burst 10" in log

@@ -29,7 +29,7 @@ class ServerOptions:
             metrics_public=settings.metrics_public,
             rate_limit=None if rate is None else RateLimit(*rate, burst=settings.rate_burst),
             max_body_size=settings.max_body_size,
-            cors_origins=tuple(settings.cors_origins),
+            cors_origins=tuple(settings.cors_origin),
             log_format=settings.log_format,
             log_prompts=settings.log_prompts,
             shutdown_timeout=settings.shutdown_timeout,
