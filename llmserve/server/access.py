@@ -69,11 +69,13 @@ current_record: ContextVar[RequestRecord | None] = ContextVar("llmserve_request"
 
 
 def write_access_line(record: RequestRecord) -> None:
+    """Text: ``client "METHOD path" status key=value ...``; --log-format json uses the fields."""
     fields = record.fields()
-    head = (f'{fields.pop("client", "-")} "{fields.pop("method")} {fields.pop("path")}" '
-            f'{fields.pop("status", "-")}')
-    rest = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-    access_log.info("%s %s", head, rest, extra={"access": record.fields()})
+    rest = dict(fields)
+    head = (f'{rest.pop("client", "-")} "{rest.pop("method")} {rest.pop("path")}" '
+            f'{rest.pop("status", "-")}')
+    tail = " ".join(f"{key}={_text_value(value)}" for key, value in rest.items())
+    access_log.info("%s %s", head, tail, extra={"access": fields})
 
 
 def _text_value(value: object) -> str:
