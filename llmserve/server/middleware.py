@@ -89,6 +89,7 @@ class RequestObserver:
         self.record = record
         self.state = state
         self._first_token_at: float | None = None
+        self._tokens_seen = 0
 
     def started(self, generation: Generation) -> None:
         self.record.generation = generation
@@ -102,6 +103,7 @@ class RequestObserver:
         now = time.monotonic()
         record = self.record
         if isinstance(event, TokenEvent):
+            self._tokens_seen += 1
             if self._first_token_at is None:
                 self._first_token_at = now
                 record.ttft = now - record.started
@@ -110,10 +112,11 @@ class RequestObserver:
             return
         record.generation = None
         record.prompt_tokens = event.prompt_tokens or record.prompt_tokens
-        record.completion_tokens = event.completion_tokens
+        # an Interrupted finish (shutdown) cannot know how many tokens the route already took
+        completion = record.completion_tokens = max(event.completion_tokens, self._tokens_seen)
         first = self._first_token_at
-        if first is not None and event.completion_tokens >= 2 and now > first:
-            record.tokens_per_second = (event.completion_tokens - 1) / (now - first)
+        if first is not None and completion >= 2 and now > first:
+            record.tokens_per_second = (completion - 1) / (now - first)
         self.state.metrics.observe_generation(record)
 
 
