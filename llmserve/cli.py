@@ -24,9 +24,12 @@ from llmserve.config import (
     DEFAULT_MAX_LOADED_MODELS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
+    DEFAULT_RATE_BURST,
+    DEFAULT_SHUTDOWN_TIMEOUT,
     ModelSpec,
     Settings,
     demo_model_path,
+    is_loopback,
     read_chat_template,
     resolve_settings,
 )
@@ -34,6 +37,7 @@ from llmserve.errors import LlmserveError
 
 if TYPE_CHECKING:
     from llmserve.engine.engine import Engine
+    from llmserve.server.options import ServerOptions
 
 app = typer.Typer(
     help="A local LLM server: serve a GGUF model as an OpenAI-compatible HTTP API (llama.cpp).",
@@ -181,12 +185,68 @@ def run(
     log_level: Annotated[
         str, typer.Option(envvar="LLMSERVE_LOG_LEVEL", help="debug, info, warning or error.")
     ] = "info",
+    # -- protection and observation ----------------------------------------------------------
+    api_key: Annotated[
+        list[str] | None, typer.Option("--api-key", envvar="LLMSERVE_API_KEY",
+                                       help="Require this key (repeatable; the variable may "
+                                       "hold several, space-separated) as 'Authorization: "
+                                       "Bearer KEY' or 'x-api-key: KEY' on every route but "
+                                       "/health.", show_default=False)
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(envvar="LLMSERVE_API_KEY_FILE", help="File of API keys, one "
+                                  "a line; blank lines and # comments skipped.",
+                                  show_default=False)
+    ] = None,
+    metrics_public: Annotated[
+        bool, typer.Option(envvar="LLMSERVE_METRICS_PUBLIC", help="Serve /metrics without an "
+                           "API key.")
+    ] = False,
+    rate_limit: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_RATE_LIMIT", help="Requests per client (API "
+                                 "key, else IP), e.g. 60/minute, 5/second; 'off' disables. "
+                                 "Default: 60/minute when bound to a non-loopback address, "
+                                 "off on loopback.", show_default=False)
+    ] = None,
+    rate_burst: Annotated[
+        int, typer.Option(envvar="LLMSERVE_RATE_BURST", help="Requests a client may send at "
+                          "once before --rate-limit paces it.")
+    ] = DEFAULT_RATE_BURST,
+    max_body_size: Annotated[
+        str, typer.Option(envvar="LLMSERVE_MAX_BODY_SIZE", help="Largest request body "
+                          "(e.g. 4MB, 512KB, bytes); larger ones get 413.")
+    ] = "4MB",
+    cors_origin: Annotated[
+        list[str] | None, typer.Option("--cors-origin", envvar="LLMSERVE_CORS_ORIGIN",
+                                       help="Let web pages from this origin call the API "
+                                       "(repeatable; * for any). Default: none.",
+                                       show_default=False)
+    ] = None,
+    log_format: Annotated[
+        str, typer.Option(envvar="LLMSERVE_LOG_FORMAT", help="text, or json (one object a "
+                          "line) for log collectors.")
+    ] = "text",
+    log_prompts: Annotated[
+        bool, typer.Option(envvar="LLMSERVE_LOG_PROMPTS", help="Put request bodies and "
+                           "generated text in the access log (never otherwise).")
+    ] = False,
+    shutdown_timeout: Annotated[
+        float, typer.Option(envvar="LLMSERVE_SHUTDOWN_TIMEOUT", help="On SIGTERM/Ctrl-C, "
+                            "seconds running generations may take to finish before they are "
+                            "ended; a second Ctrl-C quits at once.")
+    ] = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> None:
     """Serve GGUF models over an OpenAI-compatible HTTP API."""
     values = dict(ctx.params)
     values.pop("log_level")
     settings = _settings(ctx, values)
     serve(settings, log_level=log_level)
+
+
+def _normalised(values: dict[str, Any]) -> dict[str, Any]:
+    """Repeatable flags given no value arrive as None; Settings wants lists."""
+    return {**values, "api_key": values.get("api_key") or [],
+            "cors_origin": values.get("cors_origin") or []}
 
 
 def _settings(ctx: typer.Context, values: dict[str, Any]) -> Settings:
@@ -197,7 +257,7 @@ def _settings(ctx: typer.Context, values: dict[str, Any]) -> Settings:
         if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
     }
     try:
-        return resolve_settings(values, explicit)
+        return resolve_settings(_normalised(values), explicit)
     except LlmserveError as exc:
         fail(exc.message)
     except ValueError as exc:
@@ -219,15 +279,25 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
 
     from llmserve.gguf_info import read_gguf
     from llmserve.registry import ModelHost
+    from llmserve.server.access import JsonFormatter
     from llmserve.server.app import create_app
     from llmserve.server.generation import Limits
+    from llmserve.server.options import ServerOptions
+    from llmserve.server.shutdown import GracefulServer
 
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         fail(f"--log-level: expected debug, info, warning or error, got {log_level!r}")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if settings.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     if level != "DEBUG":
         logging.getLogger("llmserve.llama").setLevel(logging.ERROR)
+    try:
+        options = ServerOptions.from_settings(settings)
+    except ValueError as exc:
+        fail(str(exc))
 
     specs = list(settings.models)
     first = _first_model(settings, specs)
@@ -248,22 +318,33 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         max_loaded_models=settings.max_loaded_models,
         check=lambda spec: read_gguf(spec.path), spec_for_path=settings.spec_for_path,
     )
-    app = create_app(host, limits=Limits(max_tokens_limit=settings.max_tokens_limit))
-    _banner(settings, engine)
+    app = create_app(host, limits=Limits(max_tokens_limit=settings.max_tokens_limit),
+                     options=options)
+    _banner(settings, engine, options)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=level.lower(),
-        timeout_graceful_shutdown=10,
+        log_config=None,  # uvicorn's records go through our handler (and --log-format)
+        access_log=False,  # llmserve.access writes one richer line per request
+        # a backstop only: GracefulServer has drained the requests before uvicorn waits
+        timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = GracefulServer(config, app.state.llmserve.drain, settings.shutdown_timeout)
     try:
         server.run()
     except OSError as exc:  # pragma: no cover - uvicorn reports bind errors itself
         fail(str(exc))
     if not server.started:
         fail(f"could not listen on {settings.host}:{settings.port}")
+    if server.force_exit:
+        # A second signal: quit now. The engine's worker may be inside llama.cpp, and letting
+        # the interpreter finalise around it can crash; the OS frees the model and threads.
+        err.print("[bold yellow]stopped[/] without waiting for requests in flight")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 def _first_model(settings: Settings, specs: list[ModelSpec]) -> ModelSpec:
@@ -293,7 +374,7 @@ def _first_model(settings: Settings, specs: list[ModelSpec]) -> ModelSpec:
     return spec
 
 
-def _banner(settings: Settings, engine: Engine) -> None:
+def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
     info = engine.info
     url = f"http://{_display_host(settings.host)}:{settings.port}"
     offload = (
@@ -313,6 +394,11 @@ def _banner(settings: Settings, engine: Engine) -> None:
         err.print(f"  models   {len(settings.models)} known, at most "
                   f"{settings.max_loaded_models} loaded at once (GET /v1/models)")
     err.print(f"  offload  {offload}")
+    err.print(f"  access   {_protection_summary(options)}", highlight=False)
+    if not options.api_keys and not is_loopback(settings.host):
+        err.print(f"[bold yellow]warning:[/] listening on {settings.host} without an API key: "
+                  "anyone who can reach this port can use the model. Set --api-key or "
+                  "LLMSERVE_API_KEY.", highlight=False, soft_wrap=True)
     err.print(f"  url      {url}/v1", highlight=False)
     err.print(
         f"  try      curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
@@ -426,6 +512,13 @@ def _count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
     return str(n)
+
+
+def _protection_summary(options: ServerOptions) -> str:
+    keys = f"{len(options.api_keys)} API key(s)" if options.api_keys else "no API key"
+    rate = options.rate_limit.describe() if options.rate_limit else "no rate limit"
+    cors = f"CORS {', '.join(options.cors_origins)}" if options.cors_origins else "no CORS"
+    return f"{keys}; {rate}; body up to {options.max_body_size} bytes; {cors}"
 
 
 def _display_host(host: str) -> str:

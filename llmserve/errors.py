@@ -108,9 +108,16 @@ class RateLimited(LlmserveError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float, limit: int | None = None,
+        remaining: int = 0, reset: float = 0.0,
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # the client's bucket: capacity, whole requests left, seconds until full again
+        self.limit = limit
+        self.remaining = remaining
+        self.reset = reset
 
 
 class ServiceUnavailable(LlmserveError):

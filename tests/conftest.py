@@ -17,6 +17,7 @@ from llmserve.config import ModelSpec, demo_model_path
 from llmserve.registry import ModelHost
 from llmserve.server.app import create_app
 from llmserve.server.generation import Limits
+from llmserve.server.options import ServerOptions
 from tests.fakes import FakeEngine
 
 
@@ -35,10 +36,11 @@ def make_app() -> Callable[..., Starlette]:
         specs: Sequence[ModelSpec] = (),
         max_loaded_models: int = 1,
         check: Callable[[ModelSpec], object] | None = None,
+        options: ServerOptions | None = None,
     ) -> Starlette:
         host = ModelHost(loader, max_queue=max_queue, engine=engine, specs=specs,
                          max_loaded_models=max_loaded_models, check=check)
-        return create_app(host, limits=limits)
+        return create_app(host, limits=limits, options=options)
 
     return make
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +75,7 @@ class Engine:
             n_gpu_layers = -1 if supports_gpu_offload() else 0
         if n_parallel < 1:
             raise InvalidRequest("parallel must be at least 1", param="parallel")
+        started = time.monotonic()
         model = LoadedModel(
             path,
             n_ctx=n_ctx,
@@ -89,10 +91,13 @@ class Engine:
             rope_freq_scale=rope_freq_scale,
         )
         try:
-            return cls(model, model_id or model.path.stem, chat_template)
+            engine = cls(model, model_id or model.path.stem, chat_template)
         except BaseException:
             model.close()
             raise
+        engine._info = dataclasses.replace(engine._info,
+                                           load_seconds=time.monotonic() - started)
+        return engine
 
     @property
     def info(self) -> ModelInfo:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -126,6 +126,7 @@ class ModelInfo:
     size_bytes: int = 0
     n_params: int = 0
     created: int = 0
+    load_seconds: float = 0.0
 
     @property
     def layers_offloaded(self) -> int:
@@ -150,6 +151,9 @@ class GenerationStream:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._cancel = threading.Event()
         self.finished = False
+        # Called on the loop with each event as the consumer takes it (the server's metrics
+        # and access log hook in here, whichever route consumes the stream).
+        self.on_event: Callable[[Event], None] | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -168,6 +172,8 @@ class GenerationStream:
             event = await self._queue.get()
             if isinstance(event, Finish):
                 self.finished = True
+            if self.on_event is not None:
+                self.on_event(event)
             yield event
 
 

@@ -7,24 +7,49 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from llmserve.errors import LlmserveError
 from llmserve.registry import ModelHost
+from llmserve.server import metrics
 from llmserve.server.errors import handle_http_exception, handle_llmserve_error, handle_unexpected
 from llmserve.server.generation import Limits
+from llmserve.server.middleware import Guard, RequestTracking
+from llmserve.server.options import ServerOptions
 from llmserve.server.routes import health, models, openai, system
+from llmserve.server.shutdown import Drain
 from llmserve.server.state import AppState
 
+# what a browser page may read from our responses besides the CORS-safelisted headers
+_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                    "X-RateLimit-Reset"]
 
-def create_app(host: ModelHost, *, limits: Limits | None = None) -> Starlette:
+
+def create_app(
+    host: ModelHost, *, limits: Limits | None = None, options: ServerOptions | None = None
+) -> Starlette:
+    options = options or ServerOptions()
+    state = AppState(host=host, limits=limits or Limits(), options=options,
+                     metrics=metrics.Metrics(host), drain=Drain())
+    routes = [*health.routes, *models.routes, *openai.routes, *system.routes, *metrics.routes]
+
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         host.start()
         yield
         await host.close()
 
+    middleware = [Middleware(RequestTracking, state=state, routes=routes)]
+    if options.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"],
+            allow_headers=["*"], expose_headers=_EXPOSED_HEADERS,
+        ))
+    middleware.append(Middleware(Guard, state=state))
     app = Starlette(
-        routes=[*health.routes, *models.routes, *openai.routes, *system.routes],
+        routes=routes,
+        middleware=middleware,
         exception_handlers={
             LlmserveError: handle_llmserve_error,
             HTTPException: handle_http_exception,
@@ -32,5 +57,5 @@ def create_app(host: ModelHost, *, limits: Limits | None = None) -> Starlette:
         },
         lifespan=lifespan,
     )
-    app.state.llmserve = AppState(host=host, limits=limits or Limits())
+    app.state.llmserve = state
     return app

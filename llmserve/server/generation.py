@@ -1,7 +1,9 @@
 """From an admitted request to engine events: prompt preparation, limits, sampling, collection.
 
 Shared by every generating route (OpenAI's and, later, llama.cpp's native ones), so each route
-only translates its protocol.
+only translates its protocol. For the same reason metrics, the access log and graceful shutdown
+hook in here: ``start`` hands each Generation to the request's GenerationObserver (a context
+variable the request-tracking middleware sets), which sees every event the route consumes.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping
 from collections.abc import Set as AbstractSet
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio.to_thread
 
@@ -22,7 +25,7 @@ from llmserve.engine.types import (
     SamplingParams,
     TokenEvent,
 )
-from llmserve.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from llmserve.errors import ContextLengthExceeded, EngineError, InvalidRequest, LlmserveError
 from llmserve.registry import KEEP, Lease, ModelHost
 
 
@@ -80,7 +83,17 @@ class Collected:
     tokens: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Interrupted(Finish):
+    """The server ended the generation (``Generation.abort``); routes meet ``cause`` as an
+    exception: a JSON error, or an SSE error event then [DONE]."""
+
+    cause: LlmserveError | None = None
+
+
 def check_finish(finish: Finish) -> Finish:
+    if isinstance(finish, Interrupted) and finish.cause is not None:
+        raise finish.cause
     if finish.reason == "error":
         raise EngineError(f"generation failed: {finish.error or 'engine error'}")
     return finish
@@ -116,6 +129,29 @@ class Generation:
     def events(self) -> AsyncIterator[TokenEvent | Finish]:
         return self.stream.__aiter__()
 
+    def abort(self, cause: LlmserveError) -> None:
+        """End the generation now with ``cause`` (the route sees it at its next event). The
+        Interrupted event is queued before the engine can answer the cancel with its own
+        Finish, so the route meets the cause, not a plain "cancelled"."""
+        if self.stream.finished:
+            return
+        self.stream.push(Interrupted("error", len(self.prompt_tokens), 0, error=cause.message,
+                                     cause=cause))
+        self.stream.cancel()
+
+
+class GenerationObserver(Protocol):
+    """Told about each Generation of the current request and every event its route takes."""
+
+    def started(self, generation: Generation) -> None: ...
+
+    def event(self, generation: Generation, event: TokenEvent | Finish) -> None: ...
+
+
+generation_observer: ContextVar[GenerationObserver | None] = ContextVar(
+    "llmserve_generation_observer", default=None
+)
+
 
 def with_model_defaults(
     sampling: SamplingParams, defaults: Mapping[str, Any], explicit: AbstractSet[str]
@@ -143,8 +179,8 @@ async def start(
     configured defaults do not override."""
     lease = await host.acquire(model, keep_alive)
     engine = lease.engine
-    sampling = with_model_defaults(sampling, lease.sampling_defaults, explicit_sampling)
     try:
+        sampling = with_model_defaults(sampling, lease.sampling_defaults, explicit_sampling)
         prompt = await prepare_prompt(engine, build_prompt)
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -158,4 +194,9 @@ async def start(
     except BaseException:
         lease.release()
         raise
-    return Generation(lease, stream, prompt)
+    generation = Generation(lease, stream, prompt)
+    observer = generation_observer.get()
+    if observer is not None:
+        stream.on_event = lambda event: observer.event(generation, event)
+        observer.started(generation)
+    return generation

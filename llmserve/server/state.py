@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
 from llmserve.registry import ModelHost
 from llmserve.server.generation import Limits
+from llmserve.server.options import ServerOptions
+
+if TYPE_CHECKING:
+    from llmserve.server.metrics import Metrics
+    from llmserve.server.shutdown import Drain
 
 
 @dataclass
 class AppState:
     host: ModelHost
     limits: Limits
+    options: ServerOptions
+    metrics: Metrics
+    drain: Drain
 
     @staticmethod
     def of(request: Request) -> AppState:

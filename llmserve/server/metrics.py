@@ -1,0 +1,113 @@
+"""GET /metrics: Prometheus text exposition (prometheus-client).
+
+Each app has its own CollectorRegistry (tests build many apps in one process). Request and
+rejection counters are fed by the request-tracking middleware from the finished RequestRecord;
+token counts, time to first token and decode speed by the generation observer; queue depth,
+slots and loaded models are read from the ModelHost at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from llmserve.registry import ModelHost
+from llmserve.server.access import RequestRecord
+from llmserve.server.state import AppState
+
+# error code → rejection reason
+REJECTION_REASONS = {
+    "server_busy": "queue_full",
+    "rate_limit_exceeded": "rate_limit",
+    "invalid_api_key": "auth",
+    "request_too_large": "too_large",
+    "shutting_down": "shutting_down",
+}
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0)
+
+
+class Metrics:
+    def __init__(self, host: ModelHost) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llmserve_requests", "HTTP requests answered, by route and "
+                                "status.", ["route", "status"], registry=r)
+        self.rejections = Counter("llmserve_rejections", "Requests refused before any work, "
+                                  "by reason.", ["reason"], registry=r)
+        for reason in REJECTION_REASONS.values():
+            self.rejections.labels(reason)
+        self.prompt_tokens = Counter("llmserve_prompt_tokens", "Prompt tokens processed.",
+                                     ["model"], registry=r)
+        self.completion_tokens = Counter("llmserve_completion_tokens", "Tokens generated.",
+                                         ["model"], registry=r)
+        self.ttft = Histogram("llmserve_time_to_first_token_seconds", "From the request's "
+                              "arrival to its first generated token.", ["model"],
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.decode_rate = Histogram("llmserve_tokens_per_second", "Generation speed of one "
+                                     "request after its first token.", ["model"],
+                                     buckets=_RATE_BUCKETS, registry=r)
+        r.register(_HostCollector(host))
+
+    def observe_request(self, record: RequestRecord) -> None:
+        status = record.status or 500
+        self.requests.labels(record.route, str(status)).inc()
+        reason = REJECTION_REASONS.get(record.error_code or "")
+        if reason is not None and status >= 400:
+            self.rejections.labels(reason).inc()
+
+    def observe_generation(self, record: RequestRecord) -> None:
+        model = record.model or "unknown"
+        if record.prompt_tokens:
+            self.prompt_tokens.labels(model).inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.completion_tokens.labels(model).inc(record.completion_tokens)
+        if record.ttft is not None:
+            self.ttft.labels(model).observe(record.ttft)
+        if record.tokens_per_second is not None:
+            self.decode_rate.labels(model).observe(record.tokens_per_second)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _HostCollector(Collector):
+    def __init__(self, host: ModelHost) -> None:
+        self._host = host
+
+    def collect(self) -> Iterator[Metric]:
+        admission = self._host.admission
+        engine = self._host.engine
+        yield GaugeMetricFamily("llmserve_queue_depth", "Requests waiting for a slot.",
+                                value=admission.waiting if admission else 0)
+        yield GaugeMetricFamily("llmserve_slots_busy", "Slots generating now.",
+                                value=min(admission.in_system, admission.parallel)
+                                if admission else 0)
+        yield GaugeMetricFamily("llmserve_slots", "Slots of the loaded model (--parallel).",
+                                value=admission.parallel if admission else 0)
+        yield GaugeMetricFamily("llmserve_loaded_models", "Models loaded now.",
+                                value=1 if engine else 0)
+        load = GaugeMetricFamily("llmserve_model_load_seconds", "How long loading each loaded "
+                                 "model took.", labels=["model"])
+        if engine is not None:
+            load.add_metric([engine.info.id], engine.info.load_seconds)
+        yield load
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(AppState.of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [Route("/metrics", metrics_endpoint, methods=["GET"])]

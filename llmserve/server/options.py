@@ -1,0 +1,36 @@
+"""ServerOptions: how the HTTP layer protects and reports itself (one object for create_app)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from llmserve.config import DEFAULT_MAX_BODY_SIZE, DEFAULT_SHUTDOWN_TIMEOUT, Settings
+from llmserve.server.ratelimit import RateLimit
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    api_keys: tuple[str, ...] = ()
+    metrics_public: bool = False
+    rate_limit: RateLimit | None = None
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    cors_origins: tuple[str, ...] = ()
+    log_format: Literal["text", "json"] = "text"
+    log_prompts: bool = False
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServerOptions:
+        """Raises ValueError for an unreadable --api-key-file."""
+        rate = settings.effective_rate_limit()
+        return cls(
+            api_keys=settings.all_api_keys(),
+            metrics_public=settings.metrics_public,
+            rate_limit=None if rate is None else RateLimit(*rate, burst=settings.rate_burst),
+            max_body_size=settings.max_body_size,
+            cors_origins=tuple(settings.cors_origin),
+            log_format=settings.log_format,
+            log_prompts=settings.log_prompts,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
