@@ -37,7 +37,10 @@ class _Slot:
 
 
 class Lease:
-    def __init__(self, slot: _Slot, ticket: Ticket) -> None:
+    """Holds the engine for a while: an unload or a swap waits until every lease is released.
+    ``ticket`` is the admission place a generation holds; quick reads (tokenising) hold none."""
+
+    def __init__(self, slot: _Slot, ticket: Ticket | None) -> None:
         self._slot: _Slot | None = slot
         self.engine = slot.engine
         self._ticket = ticket
@@ -47,7 +50,8 @@ class Lease:
     def release(self) -> None:
         if self._slot is None:
             return
-        self._ticket.release()
+        if self._ticket is not None:
+            self._ticket.release()
         self._slot.in_flight -= 1
         if self._slot.in_flight == 0:
             self._slot.idle.set()
@@ -89,6 +93,20 @@ class ModelHost:
 
     def lease(self) -> Lease:
         """Admit one request to the current engine, or raise a 503 at once."""
+        slot = self._ready_slot()
+        return Lease(slot, slot.admission.reserve())
+
+    def borrow(self) -> Lease:
+        """Hold the current engine without taking an admission place (tokenise, render a
+        template): never refused for being busy, but an unload still waits for it."""
+        return Lease(self._ready_slot(), None)
+
+    def current(self) -> EngineProtocol:
+        """The engine serving now (for reads that need no admission), or the same 503 as
+        ``lease``."""
+        return self._ready_slot().engine
+
+    def _ready_slot(self) -> _Slot:
         if self._loading is not None:
             raise ModelLoading(f"a model is loading ({self._loading}); retry shortly",
                                retry_after=5.0)
@@ -96,8 +114,7 @@ class ModelHost:
             raise NoModelLoaded(
                 "no model is loaded; load one with POST /v1/models/load", retry_after=5.0
             )
-        ticket = self._slot.admission.reserve()
-        return Lease(self._slot, ticket)
+        return self._slot
 
     async def load(self, path: str) -> EngineProtocol:
         """Load ``path`` and make it current. Raises what the loader raises (old engine kept)."""

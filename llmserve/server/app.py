@@ -12,7 +12,7 @@ from llmserve.errors import LlmserveError
 from llmserve.registry import ModelHost
 from llmserve.server.errors import handle_http_exception, handle_llmserve_error, handle_unexpected
 from llmserve.server.generation import Limits
-from llmserve.server.routes import health, models, openai
+from llmserve.server.routes import health, kobold, llamacpp, models, native, openai
 from llmserve.server.state import AppState
 
 
@@ -23,7 +23,8 @@ def create_app(host: ModelHost, *, limits: Limits | None = None) -> Starlette:
         await host.close()
 
     app = Starlette(
-        routes=[*health.routes, *models.routes, *openai.routes],
+        routes=[*health.routes, *models.routes, *openai.routes, *llamacpp.routes, *kobold.routes,
+                *native.routes],
         exception_handlers={
             LlmserveError: handle_llmserve_error,
             HTTPException: handle_http_exception,

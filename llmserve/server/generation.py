@@ -1,15 +1,20 @@
 """From an admitted request to engine events: prompt preparation, limits, sampling, collection.
 
-Shared by every generating route (OpenAI's and, later, llama.cpp's native ones), so each route
-only translates its protocol.
+Shared by every generating route (OpenAI's, llama.cpp's, KoboldCpp's and the seed's native ones),
+so each route only translates its protocol. Every started Generation is listed in a
+RunningGenerations registry (on AppState) until it is closed, so POST /api/extra/abort can stop
+it from another request.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import anyio.to_thread
+from starlette.requests import Request
 
 from llmserve.engine.types import (
     EngineProtocol,
@@ -19,8 +24,12 @@ from llmserve.engine.types import (
     SamplingParams,
     TokenEvent,
 )
-from llmserve.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from llmserve.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
+from llmserve.protocol import openai as oa
 from llmserve.registry import Lease, ModelHost
+from llmserve.server import sse
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,14 +47,19 @@ async def prepare_prompt(
 
 
 def resolve_max_tokens(
-    n_prompt: int, requested: int | None, n_ctx: int, limits: Limits
+    n_prompt: int, requested: int | None, n_ctx: int, limits: Limits, *,
+    cap_to_context: bool = False,
 ) -> int:
-    """How many tokens may be generated; raise before any byte is sent if it cannot fit."""
+    """How many tokens may be generated; raise before any byte is sent if it cannot fit.
+
+    ``cap_to_context`` (the native routes, like llama-server and KoboldCpp): a request for more
+    than the context has room for gets what fits instead of a 400 (OpenAI routes stay strict).
+    """
     room = n_ctx - n_prompt
     if requested is not None:
-        if requested > room:
+        if requested > room and not (cap_to_context and room >= 1):
             raise ContextLengthExceeded(n_prompt, requested, n_ctx)
-        budget = requested
+        budget = min(requested, room)
     else:
         if room < 1:
             raise ContextLengthExceeded(n_prompt, 0, n_ctx)
@@ -70,11 +84,38 @@ def logit_bias_pairs(bias: dict[str, float] | None) -> tuple[tuple[int, float], 
     return tuple(pairs)
 
 
+def messages_for_template(messages: Sequence[oa.ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages as the Jinja template sees them (text only; extra keys kept)."""
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        try:
+            text = m.text()
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param=f"messages[{i}].content") from None
+        message: dict[str, Any] = {**(m.model_extra or {}), "role": m.role, "content": text}
+        if m.name is not None:
+            message["name"] = m.name
+        out.append(message)
+    return out
+
+
+def check_model(host: ModelHost, requested: str | None) -> None:
+    """Native routes that name a model: it must be the one loaded (by id or path)."""
+    if requested:
+        info = host.current().info
+        if requested not in (info.id, info.path):
+            raise ModelNotFound(
+                f"model {requested!r} is not loaded; loaded: {info.id!r}", param="model"
+            )
+
+
 @dataclass
 class Collected:
     text: str
     finish: Finish
     tokens: list[int] = field(default_factory=list)
+    # one per generated token when the request asked for n_probs
+    probs: list[TokenEvent] = field(default_factory=list)
 
 
 def check_finish(finish: Finish) -> Finish:
@@ -86,29 +127,97 @@ def check_finish(finish: Finish) -> Finish:
 async def collect(stream: GenerationStream) -> Collected:
     parts: list[str] = []
     tokens: list[int] = []
+    probs: list[TokenEvent] = []
     async for ev in stream:
         if isinstance(ev, TokenEvent):
             parts.append(ev.text)
             if ev.token_id >= 0:
                 tokens.append(ev.token_id)
+                if ev.logprob is not None:
+                    probs.append(ev)
         else:
-            return Collected("".join(parts), check_finish(ev), tokens)
+            return Collected("".join(parts), check_finish(ev), tokens, probs)
     raise EngineError("the generation ended without a result")
+
+
+async def collect_or_abandon(request: Request, gen: Generation) -> Collected | None:
+    """The whole generation, or None when the client leaves first (it is cancelled then).
+    Closes ``gen`` either way."""
+    try:
+        return await sse.until_disconnect(request.receive, lambda: collect(gen.stream))
+    finally:
+        gen.close()
+
+
+async def borrowed(host: ModelHost, work: Callable[[EngineProtocol], T]) -> T:
+    """Run a quick engine read (tokenise, detokenise, render a template) off the event loop,
+    holding the engine so it cannot be unloaded underneath."""
+    lease = host.borrow()
+    try:
+        return await anyio.to_thread.run_sync(work, lease.engine)
+    finally:
+        lease.release()
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who started a generation, for POST /api/extra/abort: the client's address and the
+    KoboldCpp ``genkey`` it sent, if any."""
+
+    client: str
+    genkey: str | None = None
+
+    @staticmethod
+    def of(request: Request, genkey: str | None = None) -> Owner:
+        return Owner(request.client.host if request.client else "", genkey or None)
+
+
+class RunningGenerations:
+    """Generations from start until close. Event-loop only, so no locks."""
+
+    def __init__(self) -> None:
+        self._owners: dict[int, tuple[Owner, Generation]] = {}
+
+    def add(self, gen: Generation, owner: Owner) -> None:
+        self._owners[id(gen)] = (owner, gen)
+
+    def discard(self, gen: Generation) -> None:
+        self._owners.pop(id(gen), None)
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def abort(self, *, client: str, genkey: str | None) -> int:
+        """Cancel the caller's generations: those started with ``genkey`` when one is given
+        (from any address: the key is the identity), else those this client address started
+        without a key. Returns how many were cancelled (running or still queued)."""
+        hits = [
+            gen for owner, gen in self._owners.values()
+            if (owner.genkey == genkey if genkey else
+                owner.genkey is None and owner.client == client)
+        ]
+        for gen in hits:
+            gen.stream.cancel()
+        return len(hits)
 
 
 @dataclass
 class Generation:
     """An admitted, tokenised, submitted request. ``close`` (idempotent) cancels the generation
-    if it still runs and gives the admission place back; every route calls it in ``finally``."""
+    if it still runs, gives the admission place back and leaves the running registry; every
+    route calls it in ``finally``."""
 
     lease: Lease
     stream: GenerationStream
     prompt_tokens: list[int]
+    running: RunningGenerations | None = None
 
     def close(self) -> None:
         if not self.stream.finished:
             self.stream.cancel()
         self.lease.release()
+        if self.running is not None:
+            self.running.discard(self)
 
     def events(self) -> AsyncIterator[TokenEvent | Finish]:
         return self.stream.__aiter__()
@@ -122,9 +231,14 @@ async def start(
     sampling: SamplingParams,
     stop: list[str],
     limits: Limits,
+    running: RunningGenerations | None = None,
+    owner: Owner | None = None,
+    n_probs: int = 0,
+    cap_to_context: bool = False,
 ) -> Generation:
     """Admit, prepare and submit. Admission comes first (503 before any templating); on any
-    later error the admission place is given back before raising."""
+    later error the admission place is given back before raising. With ``running`` the
+    generation is registered (under ``owner``) until it is closed."""
     lease = host.lease()
     engine = lease.engine
     try:
@@ -132,13 +246,35 @@ async def start(
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         max_tokens = resolve_max_tokens(
-            len(prompt), requested_max_tokens, engine.info.n_ctx, limits
+            len(prompt), requested_max_tokens, engine.info.n_ctx, limits,
+            cap_to_context=cap_to_context,
         )
         stream = engine.submit(
             GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens, sampling=sampling,
-                              stop=stop)
+                              stop=stop, n_probs=n_probs)
         )
     except BaseException:
         lease.release()
         raise
-    return Generation(lease, stream, prompt)
+    gen = Generation(lease, stream, prompt, running)
+    if running is not None:
+        running.add(gen, owner or Owner(""))
+    return gen
+
+
+async def run_all(works: Sequence[Callable[[], Awaitable[T]]], *, limit: int) -> list[T]:
+    """Run ``works`` with at most ``limit`` at once; results in input order. The first failure
+    cancels the rest (each work closes its own Generation in ``finally``) and is raised."""
+    gate = asyncio.Semaphore(max(1, limit))
+
+    async def one(work: Callable[[], Awaitable[T]]) -> T:
+        async with gate:
+            return await work()
+
+    tasks = [asyncio.ensure_future(one(w)) for w in works]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
 from llmserve.registry import ModelHost
-from llmserve.server.generation import Limits
+from llmserve.server.generation import Limits, RunningGenerations
 
 
 @dataclass
 class AppState:
     host: ModelHost
     limits: Limits
+    running: RunningGenerations = field(default_factory=RunningGenerations)
 
     @staticmethod
     def of(request: Request) -> AppState:
