@@ -344,6 +344,16 @@ def test_kobold_trim_stop(client: TestClient, trim_stop: bool, text: str) -> Non
     assert client.post("/api/v1/generate", json=body).json()["results"][0]["text"] == text
 
 
+def test_kobold_stream(client: TestClient) -> None:
+    r = client.post("/api/extra/generate/stream",
+                    json=st.kobold_generate_body(PROMPT, stop_sequence=["!"], trim_stop=False))
+    blocks = r.text.strip().split("\n\n")
+    assert all(b.startswith("event: message\ndata: ") for b in blocks)
+    events = [json.loads(b.split("data: ", 1)[1]) for b in blocks]
+    assert "".join(e["token"] for e in events) == "Hello, world!"
+    assert [e["finish_reason"] for e in events] == [None, None, None, "stop"]
+
+
 def test_kobold_tokencount_and_info(client: TestClient) -> None:
     r = client.post("/api/extra/tokencount", json={"prompt": "abc"})
     assert r.json() == {"value": 3, "ids": [97, 98, 99]}

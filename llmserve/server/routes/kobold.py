@@ -1,6 +1,7 @@
 """KoboldCpp's API as SillyTavern's KoboldCpp and KoboldAI types use it: POST /api/v1/generate,
-/api/extra/tokencount, /api/extra/abort; GET /api/v1/model, /api/extra/version and the config
-reads. (SillyTavern's KoboldCpp type generates through /v1/completions, see routes/openai.py.)
+/api/extra/generate/stream, /api/extra/tokencount, /api/extra/abort; GET /api/v1/model,
+/api/extra/version and the config reads. (SillyTavern's KoboldCpp type generates through
+/v1/completions, see routes/openai.py.)
 
 Abort: with a ``genkey`` it cancels the generations started with that key (from any address);
 without one — SillyTavern's Stop button posts no body — it cancels the generations the same
@@ -11,6 +12,7 @@ single-user, aborts "the" current generation; this is that, per caller.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
@@ -18,9 +20,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmserve import __version__
-from llmserve.engine.types import EngineProtocol, SamplingParams
+from llmserve.engine.types import EngineProtocol, Finish, SamplingParams, TokenEvent
 from llmserve.protocol import kobold as kb
-from llmserve.server.generation import Owner, borrowed, collect_or_abandon, start
+from llmserve.server import sse
+from llmserve.server.errors import error_payload
+from llmserve.server.generation import (
+    Generation,
+    Owner,
+    borrowed,
+    check_finish,
+    collect_or_abandon,
+    start,
+)
 from llmserve.server.requests import parse, read_json_object, validate
 from llmserve.server.state import AppState
 
@@ -54,7 +65,7 @@ def sampling_from(req: kb.GenerateRequest) -> SamplingParams:
     return dataclasses.replace(SamplingParams(), **values)
 
 
-async def generate(request: Request) -> Response:
+async def _begin(request: Request) -> tuple[kb.GenerateRequest, Generation]:
     state = AppState.of(request)
     req = await parse(request, kb.GenerateRequest)
     text = req.memory + req.prompt
@@ -67,19 +78,54 @@ async def generate(request: Request) -> Response:
         sampling=sampling_from(req), stop=req.stop_list(), limits=state.limits,
         running=state.running, owner=Owner.of(request, req.genkey), cap_to_context=True,
     )
+    return req, gen
+
+
+def _finish_reason(finish: Finish) -> str:
+    return "length" if finish.reason == "length" else "stop"
+
+
+def _kept_stop(req: kb.GenerateRequest, finish: Finish) -> str:
+    """KoboldCpp's trim_stop: false leaves the stop sequence at the end of the text."""
+    return finish.stop_word if not req.trim_stop and finish.stop_word else ""
+
+
+async def generate(request: Request) -> Response:
+    req, gen = await _begin(request)
     result = await collect_or_abandon(request, gen)
     if result is None:
         return Response(status_code=499)
     finish = result.finish
-    out = result.text
-    if not req.trim_stop and finish.stop_word:
-        out += finish.stop_word
     return JSONResponse({"results": [{
-        "text": out,
-        "finish_reason": "length" if finish.reason == "length" else "stop",
+        "text": result.text + _kept_stop(req, finish),
+        "finish_reason": _finish_reason(finish),
         "prompt_tokens": finish.prompt_tokens,
         "completion_tokens": finish.completion_tokens,
     }]})
+
+
+async def generate_stream(request: Request) -> sse.EventStreamResponse:
+    """KoboldCpp's SSE: ``event: message`` / ``data: {"token", "finish_reason"}`` per piece of
+    text; the last event has the finish_reason."""
+    req, gen = await _begin(request)
+    return sse.EventStreamResponse(_token_events(req, gen))
+
+
+async def _token_events(req: kb.GenerateRequest, gen: Generation
+                        ) -> AsyncGenerator[bytes, None]:
+    try:
+        async for ev in gen.events():
+            if isinstance(ev, TokenEvent):
+                if ev.text:
+                    yield sse.event({"token": ev.text, "finish_reason": None}, name="message")
+                continue
+            finish = check_finish(ev)
+            yield sse.event({"token": _kept_stop(req, finish),
+                             "finish_reason": _finish_reason(finish)}, name="message")
+    except Exception as exc:
+        yield sse.event(error_payload(exc), name="error")
+    finally:
+        gen.close()
 
 
 async def tokencount(request: Request) -> JSONResponse:
@@ -130,6 +176,7 @@ async def max_length(request: Request) -> JSONResponse:
 
 routes = [
     Route("/api/v1/generate", generate, methods=["POST"]),
+    Route("/api/extra/generate/stream", generate_stream, methods=["POST"]),
     Route("/api/extra/tokencount", tokencount, methods=["POST"]),
     Route("/api/extra/abort", abort, methods=["POST"]),
     Route("/api/v1/model", model, methods=["GET"]),
