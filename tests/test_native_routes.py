@@ -4,6 +4,7 @@ defaults, every parameter, streaming, and the {"detail": ...} error rendering.""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,15 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from llmserve.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    InvalidRequest,
+    LlmserveError,
+    RateLimited,
+    ServerBusy,
+)
+from llmserve.server.errors import error_response
 from llmserve.server.generation import Limits
 from tests.fakes import FakeEngine, Script
 
@@ -196,6 +206,28 @@ async def test_busy_is_503_detail(make_app: Callable[..., Starlette]) -> None:
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert "busy" in busy.json()["detail"]
         assert (await first).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        pytest.param(RateLimited("slow down", retry_after=2.5), 429, id="rate-limited"),
+        pytest.param(ContextLengthExceeded(300, 0, 256), 413, id="too-long"),
+        pytest.param(ServerBusy("busy"), 503, id="busy"),
+        pytest.param(EngineError("boom"), 500, id="engine"),
+        pytest.param(InvalidRequest("bad", param="x"), 400, id="invalid"),
+    ],
+)
+def test_detail_rendering_of_the_one_tree(exc: LlmserveError, status: int) -> None:
+    detail = error_response(exc, "detail")
+    assert detail.status_code == status
+    assert json.loads(detail.body) == {"detail": exc.message}
+    openai_style = error_response(exc)
+    assert json.loads(openai_style.body)["error"]["message"] == exc.message
+    assert openai_style.status_code == (400 if status == 413 else status)
+    assert detail.headers.get("retry-after") == openai_style.headers.get("retry-after")
+    if isinstance(exc, RateLimited):
+        assert detail.headers["retry-after"] == "3"
 
 
 def test_openai_routes_keep_their_envelope(client: TestClient) -> None:

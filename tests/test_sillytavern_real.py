@@ -113,13 +113,13 @@ def test_kobold_generate(real_server: ServerProcess) -> None:
 def test_token_counts_equal_prompt_tokens(real_server: ServerProcess) -> None:
     with http(real_server) as c:
         tokens = c.post("/tokenize", json={"content": PROMPT}).json()["tokens"]
-        special = c.post("/tokenize", json={"content": PROMPT, "add_special": True}).json()
+        plain = c.post("/tokenize", json={"content": PROMPT, "add_special": False}).json()
         kobold = c.post("/api/extra/tokencount", json={"prompt": PROMPT}).json()
         done = c.post("/completion", json={"prompt": PROMPT, "n_predict": 1}).json()
         oai = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}).json()
         back = c.post("/detokenize", json={"tokens": tokens}).json()["content"]
     assert len(tokens) == done["tokens_evaluated"] == oai["usage"]["prompt_tokens"]
-    assert special["tokens"] == tokens  # this GGUF adds no BOS
+    assert plain["tokens"] == tokens  # this GGUF adds no BOS
     assert kobold == {"value": len(tokens), "ids": tokens}
     assert back == PROMPT.replace("<|im_start|>", "").replace("<|im_end|>", "")
 

@@ -255,6 +255,24 @@ def test_tokenize_matches_completion_prompt_tokens(client: TestClient) -> None:
     assert client.post("/detokenize", json={"tokens": [104, 105]}).json() == {"content": "hi"}
 
 
+def test_token_counts_tokenize_like_generation(client: TestClient, engine: FakeEngine,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    tokenize = engine.tokenize
+
+    def spy(text: str, *, add_special: bool = True) -> list[int]:
+        calls.append(add_special)
+        return tokenize(text, add_special=add_special)
+
+    monkeypatch.setattr(engine, "tokenize", spy)
+    client.post("/completion", json={"prompt": "ab"})
+    client.post("/tokenize", json={"content": "ab"})
+    client.post("/api/extra/tokencount", json={"prompt": "ab"})
+    client.post("/api/v1/generate", json={"prompt": "ab"})
+    client.post("/tokenize", json={"content": "ab", "add_special": False})
+    assert calls == [True, True, True, True, False]
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [

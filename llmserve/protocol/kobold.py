@@ -103,8 +103,10 @@ class GenerateRequest(_Request):
 
 
 class TokenCountRequest(_Request):
+    """Counted exactly as /api/v1/generate tokenises the prompt (the model's special tokens
+    included)."""
+
     prompt: str
-    special: bool = False
 
 
 class AbortRequest(_Request):

@@ -271,8 +271,11 @@ class CompletionRequest(_Request):
 
 
 class TokenizeRequest(_Request):
+    """POST /tokenize. ``add_special`` defaults to true (llama-server: false) so that the count
+    is exactly what /completion evaluates for the same text."""
+
     content: str
-    add_special: bool = False
+    add_special: bool = True
     parse_special: bool = True
     with_pieces: bool = False
 

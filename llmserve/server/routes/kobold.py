@@ -131,7 +131,7 @@ async def _token_events(req: kb.GenerateRequest, gen: Generation
 async def tokencount(request: Request) -> JSONResponse:
     req = await parse(request, kb.TokenCountRequest)
     ids = await borrowed(AppState.of(request).host,
-                         lambda e: e.tokenize(req.prompt, add_special=req.special))
+                         lambda e: e.tokenize(req.prompt, add_special=True))
     return JSONResponse({"value": len(ids), "ids": ids})
 
 
