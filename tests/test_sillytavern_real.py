@@ -181,7 +181,7 @@ def test_abort_stops_a_generation(real_server: ServerProcess) -> None:
         assert c.post("/api/extra/abort", json={"genkey": "KCPP-real"}).json()[
             "success"] == "true"
         t.join(timeout=30)
-        assert _wait_idle(c, 2)
+        assert _wait_idle(c, 5)
     done = result["r"].json()["results"][0]
     assert done["text"]  # what was generated before the abort comes back
     assert 3 <= done["completion_tokens"] < 1500
@@ -198,7 +198,7 @@ def test_dropped_connection_stops_generation(real_server: ServerProcess) -> None
                 n += line.startswith("data: ")
                 if n >= 3:
                     break
-        assert _wait_idle(c, 2), "the slot kept generating after the client left"
+        assert _wait_idle(c, 5), "the slot kept generating after the client left"
         assert c.get("/health").json()["slots_busy"] == 0
 
 
