@@ -440,13 +440,45 @@ async def test_completion_stream_disconnect_cancels(make_app: Callable[..., Star
     assert app.state.llmserve.host.admission.in_system == 0
 
 
-async def _drive_path(app: Starlette, path: str, body: dict[str, Any], *, disconnect_after: int,
-                      drive: Any) -> list[bytes]:
+@pytest.mark.parametrize(
+    ("path", "body", "started"),
+    [
+        pytest.param("/completion", {"prompt": PROMPT, "n": 2}, 2, id="completion-swipes"),
+        pytest.param("/api/v1/generate", {"prompt": PROMPT}, 1, id="kobold-generate"),
+        # two slots: the third prompt never starts
+        pytest.param("/generate/batch", {"prompts": ["a", "b", "c"]}, 2, id="seed-batch"),
+    ],
+)
+async def test_non_stream_disconnect_cancels(make_app: Callable[..., Starlette], path: str,
+                                             body: dict[str, Any], started: int) -> None:
+    from tests.test_openai_routes import _drive
+
+    engine = FakeEngine(parallel=2, script=Script(tokens=["x"] * 200, delay=0.01))
+    app = make_app(engine)
+    leave = asyncio.Event()
+    task = asyncio.create_task(_drive_path(app, path, body, disconnect_after=None, drive=_drive,
+                                           leave=leave))
+    await asyncio.sleep(0.15)
+    leave.set()
+    await task
+    for _ in range(100):
+        if len(engine.cancelled) == len(engine.requests) == started:
+            break
+        await asyncio.sleep(0.01)
+    assert len(engine.requests) == started and engine.cancelled == engine.requests
+    assert app.state.llmserve.host.admission.in_system == 0
+    assert len(app.state.llmserve.running) == 0
+
+
+async def _drive_path(app: Starlette, path: str, body: dict[str, Any], *,
+                      disconnect_after: int | None, drive: Any,
+                      leave: asyncio.Event | None = None) -> list[bytes]:
     """tests.test_openai_routes._drive, on another path."""
     async def on_path(scope: Any, receive: Any, send: Any) -> None:
         await app({**scope, "path": path}, receive, send)
 
-    result: list[bytes] = await drive(on_path, body, disconnect_after=disconnect_after)
+    result: list[bytes] = await drive(on_path, body, disconnect_after=disconnect_after,
+                                      disconnect_event=leave)
     return result
 
 
