@@ -26,6 +26,7 @@ from llmserve.engine.types import (
 )
 from llmserve.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
 from llmserve.protocol import openai as oa
+from llmserve.protocol.llamacpp import logit_bias_pairs as llamacpp_logit_bias
 from llmserve.registry import Lease, ModelHost
 from llmserve.server import sse
 
@@ -70,18 +71,12 @@ def resolve_max_tokens(
 
 
 def logit_bias_pairs(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    if not bias:
-        return ()
-    pairs: list[tuple[int, float]] = []
-    for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise InvalidRequest(
-                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
-            ) from None
-        pairs.append((token, float(value)))
-    return tuple(pairs)
+    """OpenAI's ``{"token id": bias}`` → pairs (the parsing is llama.cpp's, which also reads
+    this form)."""
+    try:
+        return llamacpp_logit_bias(bias)
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid 'logit_bias': {exc}", param="logit_bias") from None
 
 
 def messages_for_template(messages: Sequence[oa.ChatMessage]) -> list[dict[str, Any]]:
