@@ -2,12 +2,13 @@
 
 Every error a user can meet is one of these. Each class carries the HTTP status, the OpenAI
 error ``type`` and ``code`` it maps to; ``server/errors.py`` turns any of them into the OpenAI
-envelope ``{"error": {"message", "type", "param", "code"}}`` and the CLI turns them into one line
-and a non-zero exit. Nothing else maps exceptions to statuses.
+envelope ``{"error": {"message", "type", "param", "code"}}`` (or, on the seed's native routes
+/generate, /chat and /generate/batch, into ``{"detail": message}`` with ``detail_status``) and the
+CLI turns them into one line and a non-zero exit. Nothing else maps exceptions to statuses.
 
     LlmserveError                      500 server_error
     ├── InvalidRequest                 400 invalid_request_error     (param names the field)
-    │   ├── ContextLengthExceeded      400 context_length_exceeded
+    │   ├── ContextLengthExceeded      400 context_length_exceeded   (413 on the native routes)
     │   └── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
     ├── AuthenticationError            401 invalid_api_key
     ├── ModelNotFound                  404 model_not_found
@@ -32,6 +33,8 @@ class LlmserveError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
+    # The status of the seed's ``{"detail": ...}`` rendering when it differs from ``status``.
+    detail_status: ClassVar[int | None] = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -56,6 +59,7 @@ class InvalidRequest(LlmserveError):
 
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
+    detail_status = 413  # the seed API: "input too long"
 
     def __init__(self, prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
         if max_tokens > 0:

@@ -79,7 +79,10 @@ class _Slot:
 
 
 class Lease:
-    def __init__(self, slot: _Slot, ticket: Ticket) -> None:
+    """Holds the engine for a while: an unload or a swap waits until every lease is released.
+    ``ticket`` is the admission place a generation holds; quick reads (tokenising) hold none."""
+
+    def __init__(self, slot: _Slot, ticket: Ticket | None) -> None:
         self._slot: _Slot | None = slot
         self.engine = slot.engine
         self.sampling_defaults: dict[str, Any] = slot.spec.sampling
@@ -89,7 +92,8 @@ class Lease:
     def release(self) -> None:
         if self._slot is None:
             return
-        self._ticket.release()
+        if self._ticket is not None:
+            self._ticket.release()
         self._slot.drop()
         self._slot = None
 
@@ -207,6 +211,24 @@ class ModelHost:
         return self._loaded[next(reversed(self._loaded))].admission if self._loaded else None
 
     # -- requests ------------------------------------------------------------------------------
+
+    def borrow(self, model: str | None = None) -> Lease:
+        """Hold a loaded engine without taking an admission place (tokenise, render a
+        template): never refused for being busy, but an unload still waits for it."""
+        return Lease(self._loaded_slot(model), None)
+
+    def current(self, model: str | None = None) -> EngineProtocol:
+        """The loaded engine a request names (for reads that need no admission), or the same
+        503/404 as ``lease``."""
+        return self._loaded_slot(model).engine
+
+    def _loaded_slot(self, model: str | None) -> _Slot:
+        spec = self.resolve(model)
+        slot = self._loaded.get(spec.id)
+        if slot is None:
+            self._raise_not_ready(spec)
+        return slot
+
 
     def lease(self, model: str | None = None) -> Lease:
         """Admit one request to a loaded model, or raise at once (503 while it loads or when it

@@ -18,6 +18,7 @@ from llmserve.engine.types import (
     GenerationRequest,
     GenerationStream,
     ModelInfo,
+    SlotState,
     Timings,
     TokenEvent,
 )
@@ -44,6 +45,7 @@ class FakeEngine:
     started: list[GenerationRequest] = field(default_factory=list)
     closed: bool = False
     chats: list[list[dict[str, Any]]] = field(default_factory=list)
+    running: list[GenerationRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._sem = threading.Semaphore(self.parallel)
@@ -76,6 +78,14 @@ class FakeEngine:
         threading.Thread(target=self._run, args=(stream, self.script), daemon=True).start()
         return stream
 
+    def slot_states(self) -> list[SlotState]:
+        busy = list(self.running)
+        return [
+            SlotState(id=i, n_ctx=self.n_ctx, n_cached=0,
+                      request=busy[i] if i < len(busy) else None)
+            for i in range(self.parallel)
+        ]
+
     def _run(self, stream: GenerationStream, script: Script) -> None:
         req = stream.request
         n_prompt = len(req.prompt_tokens)
@@ -86,6 +96,7 @@ class FakeEngine:
                 return
         try:
             self.started.append(req)
+            self.running.append(req)
             n = 0
             for i, text in enumerate(script.tokens):
                 if n >= req.max_tokens:
@@ -100,10 +111,20 @@ class FakeEngine:
                 if script.fail_at is not None and i == script.fail_at:
                     stream.push(Finish("error", n_prompt, n, error="scripted failure"))
                     return
+                if text in req.stop:  # a whole-token stop string: held back, as the engine does
+                    stream.push(Finish("stop", n_prompt, n, stop_word=text))
+                    return
                 n += 1
-                stream.push(TokenEvent(i, text))
+                if req.n_probs:
+                    # scripted probabilities: the token itself at -0.5, then runners-up
+                    top = tuple((i + k * 1000, -0.5 - k) for k in range(req.n_probs))
+                    stream.push(TokenEvent(i, text, -0.5, top))
+                else:
+                    stream.push(TokenEvent(i, text))
             stream.push(Finish("stop", n_prompt, n, timings=Timings(predicted_n=n)))
         finally:
+            if req in self.running:
+                self.running.remove(req)
             self._sem.release()
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from llmserve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.engine.model import LoadedModel, supports_gpu_offload
 from llmserve.engine.scheduler import Scheduler
-from llmserve.engine.types import GenerationRequest, GenerationStream, ModelInfo
+from llmserve.engine.types import GenerationRequest, GenerationStream, ModelInfo, SlotState
 from llmserve.errors import InvalidRequest
 
 
@@ -126,6 +126,9 @@ class Engine:
         stream = GenerationStream(request, asyncio.get_running_loop())
         self.scheduler.submit(stream)
         return stream
+
+    def slot_states(self) -> list[SlotState]:
+        return self.scheduler.slot_states()
 
     @property
     def busy_slots(self) -> int:

@@ -20,11 +20,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from llmserve.engine.model import LoadedModel
 from llmserve.engine.output_text import OutputText
 from llmserve.engine.sampling import Sampler
-from llmserve.engine.types import Finish, FinishReason, GenerationStream, Timings, TokenEvent
+from llmserve.engine.types import (
+    Finish,
+    FinishReason,
+    GenerationStream,
+    SlotState,
+    Timings,
+    TokenEvent,
+)
 
 log = logging.getLogger("llmserve.engine")
 
@@ -96,6 +104,21 @@ class Scheduler:
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    def slot_states(self) -> list[SlotState]:
+        """A snapshot for GET /slots. Reads what the worker writes without a lock: each field
+        is read once, so the worst case is a value one step old."""
+        states: list[SlotState] = []
+        for slot in self.slots:
+            job = slot.job
+            states.append(SlotState(
+                id=slot.seq_id,
+                n_ctx=self.model.n_ctx,
+                n_cached=len(slot.cached),
+                request=job.stream.request if job else None,
+                n_decoded=job.n_generated if job else 0,
+            ))
+        return states
 
     def stop(self) -> None:
         """Finish every request with "cancelled", stop the thread and free the batch."""
@@ -266,13 +289,34 @@ class Scheduler:
             return
         job.n_generated += 1
         text = job.output.push(self.model.token_to_piece(token))
-        job.stream.push(TokenEvent(token, text))
+        if request.n_probs > 0:
+            logprob, top = self._logprobs(index, token, request.n_probs)
+            job.stream.push(TokenEvent(token, text, logprob, top))
+        else:
+            job.stream.push(TokenEvent(token, text))
         if job.output.stop_word is not None:
             self._finish(slot, "stop")
         elif job.n_generated >= request.max_tokens or len(slot.cached) >= self.model.n_ctx:
             self._finish(slot, "length")
         else:
             job.next_token = token
+
+    def _logprobs(
+        self, index: int, token: int, n: int
+    ) -> tuple[float, tuple[tuple[int, float], ...]]:
+        """log p of ``token`` and the ``n`` most likely tokens: a log-softmax of the raw logits
+        of batch position ``index`` (llama-server's n_probs does the same)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.model.ctx, index)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        log_z = peak + np.log(np.exp(logits - peak).sum())
+        n = min(n, self.model.n_vocab)
+        top = np.argpartition(logits, -n)[-n:]
+        top = top[np.argsort(-logits[top], kind="stable")]
+        return (
+            float(logits[token] - log_z),
+            tuple((int(t), float(logits[t] - log_z)) for t in top),
+        )
 
     def _finish(self, slot: Slot, reason: FinishReason, *, error: str | None = None) -> None:
         job = slot.job

@@ -62,6 +62,9 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: Sequence[str] = ()
+    # > 0: every TokenEvent carries the token's log-probability and the top ``n_probs``
+    # alternatives (softmax of the raw logits, as llama-server's n_probs); 0 costs nothing.
+    n_probs: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class TokenEvent:
 
     token_id: int
     text: str
+    # only when the request asked for n_probs: log p(token) and the top (token id, log p) pairs
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,21 @@ class ModelInfo:
         return total if self.n_gpu_layers < 0 else min(self.n_gpu_layers, total)
 
 
+@dataclass(frozen=True)
+class SlotState:
+    """One slot as GET /slots shows it; ``request`` is None while the slot is idle."""
+
+    id: int
+    n_ctx: int
+    n_cached: int
+    request: GenerationRequest | None = None
+    n_decoded: int = 0
+
+    @property
+    def is_processing(self) -> bool:
+        return self.request is not None
+
+
 class GenerationStream:
     """The consumer's end of one generation; also the producer's handle for the worker thread.
 
@@ -190,5 +211,7 @@ class EngineProtocol(Protocol):
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
     def submit(self, request: GenerationRequest) -> GenerationStream: ...
+
+    def slot_states(self) -> list[SlotState]: ...
 
     def close(self) -> None: ...

@@ -126,6 +126,11 @@ class _Sampling(_Request):
             raise ValueError("stop must be a string or a list of strings")
         return v
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _empty_bias(cls, v: object) -> object:
+        return None if v == [] else v  # SillyTavern sends [] for "no biases"
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []

@@ -1,9 +1,21 @@
-"""The one place that turns exceptions into HTTP responses (OpenAI error envelope)."""
+"""The one place that turns exceptions into HTTP responses.
+
+Two renderings of the same exception tree, chosen per route family:
+
+- ``openai`` (every route by default): ``{"error": {"message", "type", "param", "code"}}``.
+- ``detail`` (the seed's native routes, marked with ``@detail_errors``): ``{"detail": message}``,
+  with the class's ``detail_status`` where it differs (413 for a prompt that cannot fit).
+
+The style is read from the matched endpoint (Starlette puts it in ``scope["endpoint"]``, also for
+a 405 on a known path); errors raised before routing use the default.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -14,8 +26,28 @@ from llmserve.server.access import current_record
 
 log = logging.getLogger("llmserve.server")
 
+ErrorStyle = Literal["openai", "detail"]
+E = TypeVar("E", bound=Callable[..., object])
 
-def error_response(exc: LlmserveError) -> JSONResponse:
+
+def detail_errors(endpoint: E) -> E:
+    """Mark a route endpoint whose errors render as ``{"detail": ...}``."""
+    endpoint.error_style = "detail"  # type: ignore[attr-defined]
+    return endpoint
+
+
+def style_of(request: Request) -> ErrorStyle:
+    style: ErrorStyle = getattr(request.scope.get("endpoint"), "error_style", "openai")
+    return style
+
+
+def error_body(exc: LlmserveError, style: ErrorStyle = "openai") -> dict[str, object]:
+    if style == "detail":
+        return {"detail": exc.message}
+    return exc.to_dict()
+
+
+def error_response(exc: LlmserveError, style: ErrorStyle = "openai") -> JSONResponse:
     _note(exc)
     headers: dict[str, str] = {}
     if isinstance(exc, ServiceUnavailable | RateLimited):
@@ -24,7 +56,10 @@ def error_response(exc: LlmserveError) -> JSONResponse:
         headers.update(rate_limit_headers(exc.limit, exc.remaining, exc.reset))
     if isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+    status = exc.status
+    if style == "detail" and exc.detail_status is not None:
+        status = exc.detail_status
+    return JSONResponse(error_body(exc, style), status_code=status, headers=headers)
 
 
 def rate_limit_headers(limit: int, remaining: int, reset: float) -> dict[str, str]:
@@ -36,12 +71,13 @@ def rate_limit_headers(limit: int, remaining: int, reset: float) -> dict[str, st
     }
 
 
-def error_payload(exc: BaseException) -> dict[str, object]:
-    """The envelope for an error met mid-stream (sent as an SSE ``data:`` event)."""
+def error_payload(exc: BaseException, style: ErrorStyle = "openai") -> dict[str, object]:
+    """The body for an error met mid-stream (sent as an SSE ``data:`` event)."""
     if isinstance(exc, LlmserveError):
         _note(exc)
-        return exc.to_dict()
-    return _internal().to_dict()
+        return error_body(exc, style)
+    log.error("error during a stream", exc_info=exc)
+    return error_body(_internal(), style)
 
 
 def _note(exc: LlmserveError) -> None:
@@ -55,15 +91,18 @@ def _internal() -> LlmserveError:
     return LlmserveError("internal server error; the server log has the details")
 
 
-async def handle_llmserve_error(_request: Request, exc: Exception) -> Response:
+async def handle_llmserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LlmserveError)
-    return error_response(exc)
+    return error_response(exc, style_of(request))
 
 
-async def handle_http_exception(_request: Request, exc: Exception) -> Response:
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    err = LlmserveError(exc.detail or "error")
-    body = err.to_dict()
+    message = exc.detail or "error"
+    if style_of(request) == "detail":
+        return JSONResponse({"detail": message}, status_code=exc.status_code,
+                            headers=exc.headers)
+    body = LlmserveError(message).to_dict()
     error = body["error"]
     assert isinstance(error, dict)
     error["type"] = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -71,6 +110,6 @@ async def handle_http_exception(_request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
-async def handle_unexpected(_request: Request, exc: Exception) -> Response:
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc)
-    return error_response(_internal())
+    return error_response(_internal(), style_of(request))

@@ -1,21 +1,25 @@
 """From an admitted request to engine events: prompt preparation, limits, sampling, collection.
 
-Shared by every generating route (OpenAI's and, later, llama.cpp's native ones), so each route
-only translates its protocol. For the same reason metrics, the access log and graceful shutdown
-hook in here: ``start`` hands each Generation to the request's GenerationObserver (a context
-variable the request-tracking middleware sets), which sees every event the route consumes.
+Shared by every generating route (OpenAI's, llama.cpp's, KoboldCpp's and the seed's native ones),
+so each route only translates its protocol. Every started Generation is listed in a
+RunningGenerations registry (on AppState) until it is closed, so POST /api/extra/abort can stop
+it from another request. For the same reason metrics, the access log and graceful shutdown hook
+in here: ``start`` hands each Generation to the request's GenerationObserver (a context variable
+the request-tracking middleware sets), which sees every event the route consumes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import anyio.to_thread
+from starlette.requests import Request
 
 from llmserve.engine.types import (
     EngineProtocol,
@@ -25,8 +29,18 @@ from llmserve.engine.types import (
     SamplingParams,
     TokenEvent,
 )
-from llmserve.errors import ContextLengthExceeded, EngineError, InvalidRequest, LlmserveError
+from llmserve.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    InvalidRequest,
+    LlmserveError,
+)
+from llmserve.protocol import openai as oa
+from llmserve.protocol.llamacpp import logit_bias_pairs as llamacpp_logit_bias
 from llmserve.registry import KEEP, Lease, ModelHost
+from llmserve.server import sse
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,14 +58,19 @@ async def prepare_prompt(
 
 
 def resolve_max_tokens(
-    n_prompt: int, requested: int | None, n_ctx: int, limits: Limits
+    n_prompt: int, requested: int | None, n_ctx: int, limits: Limits, *,
+    cap_to_context: bool = False,
 ) -> int:
-    """How many tokens may be generated; raise before any byte is sent if it cannot fit."""
+    """How many tokens may be generated; raise before any byte is sent if it cannot fit.
+
+    ``cap_to_context`` (the native routes, like llama-server and KoboldCpp): a request for more
+    than the context has room for gets what fits instead of a 400 (OpenAI routes stay strict).
+    """
     room = n_ctx - n_prompt
     if requested is not None:
-        if requested > room:
+        if requested > room and not (cap_to_context and room >= 1):
             raise ContextLengthExceeded(n_prompt, requested, n_ctx)
-        budget = requested
+        budget = min(requested, room)
     else:
         if room < 1:
             raise ContextLengthExceeded(n_prompt, 0, n_ctx)
@@ -62,18 +81,38 @@ def resolve_max_tokens(
 
 
 def logit_bias_pairs(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    if not bias:
-        return ()
-    pairs: list[tuple[int, float]] = []
-    for key, value in bias.items():
+    """OpenAI's ``{"token id": bias}`` → pairs (the parsing is llama.cpp's, which also reads
+    this form)."""
+    try:
+        return llamacpp_logit_bias(bias)
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid 'logit_bias': {exc}", param="logit_bias") from None
+
+
+def messages_for_template(messages: Sequence[oa.ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages as the Jinja template sees them (text only; extra keys kept)."""
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
         try:
-            token = int(key)
-        except ValueError:
-            raise InvalidRequest(
-                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
-            ) from None
-        pairs.append((token, float(value)))
-    return tuple(pairs)
+            text = m.text()
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param=f"messages[{i}].content") from None
+        message: dict[str, Any] = {**(m.model_extra or {}), "role": m.role, "content": text}
+        if m.name is not None:
+            message["name"] = m.name
+        out.append(message)
+    return out
+
+
+def check_model(host: ModelHost, requested: str | None) -> str | None:
+    """Native routes that name a model (by id, alias or the loaded file's path): the id to
+    serve it with, or 404 for a name nobody knows."""
+    if not requested:
+        return None
+    loaded = host.engine
+    if loaded is not None and requested in (loaded.info.id, loaded.info.path):
+        return loaded.info.id
+    return host.lookup(requested).id
 
 
 @dataclass
@@ -81,6 +120,8 @@ class Collected:
     text: str
     finish: Finish
     tokens: list[int] = field(default_factory=list)
+    # one per generated token when the request asked for n_probs
+    probs: list[TokenEvent] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -102,29 +143,97 @@ def check_finish(finish: Finish) -> Finish:
 async def collect(stream: GenerationStream) -> Collected:
     parts: list[str] = []
     tokens: list[int] = []
+    probs: list[TokenEvent] = []
     async for ev in stream:
         if isinstance(ev, TokenEvent):
             parts.append(ev.text)
             if ev.token_id >= 0:
                 tokens.append(ev.token_id)
+                if ev.logprob is not None:
+                    probs.append(ev)
         else:
-            return Collected("".join(parts), check_finish(ev), tokens)
+            return Collected("".join(parts), check_finish(ev), tokens, probs)
     raise EngineError("the generation ended without a result")
+
+
+async def collect_or_abandon(request: Request, gen: Generation) -> Collected | None:
+    """The whole generation, or None when the client leaves first (it is cancelled then).
+    Closes ``gen`` either way."""
+    try:
+        return await sse.until_disconnect(request.receive, lambda: collect(gen.stream))
+    finally:
+        gen.close()
+
+
+async def borrowed(host: ModelHost, work: Callable[[EngineProtocol], T]) -> T:
+    """Run a quick engine read (tokenise, detokenise, render a template) off the event loop,
+    holding the engine so it cannot be unloaded underneath."""
+    lease = host.borrow()
+    try:
+        return await anyio.to_thread.run_sync(work, lease.engine)
+    finally:
+        lease.release()
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who started a generation, for POST /api/extra/abort: the client's address and the
+    KoboldCpp ``genkey`` it sent, if any."""
+
+    client: str
+    genkey: str | None = None
+
+    @staticmethod
+    def of(request: Request, genkey: str | None = None) -> Owner:
+        return Owner(request.client.host if request.client else "", genkey or None)
+
+
+class RunningGenerations:
+    """Generations from start until close. Event-loop only, so no locks."""
+
+    def __init__(self) -> None:
+        self._owners: dict[int, tuple[Owner, Generation]] = {}
+
+    def add(self, gen: Generation, owner: Owner) -> None:
+        self._owners[id(gen)] = (owner, gen)
+
+    def discard(self, gen: Generation) -> None:
+        self._owners.pop(id(gen), None)
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def abort(self, *, client: str, genkey: str | None) -> int:
+        """Cancel the caller's generations: those started with ``genkey`` when one is given
+        (from any address: the key is the identity), else those this client address started
+        without a key. Returns how many were cancelled (running or still queued)."""
+        hits = [
+            gen for owner, gen in self._owners.values()
+            if (owner.genkey == genkey if genkey else
+                owner.genkey is None and owner.client == client)
+        ]
+        for gen in hits:
+            gen.stream.cancel()
+        return len(hits)
 
 
 @dataclass
 class Generation:
     """An admitted, tokenised, submitted request. ``close`` (idempotent) cancels the generation
-    if it still runs and gives the admission place back; every route calls it in ``finally``."""
+    if it still runs, gives the admission place back and leaves the running registry; every
+    route calls it in ``finally``."""
 
     lease: Lease
     stream: GenerationStream
     prompt_tokens: list[int]
+    running: RunningGenerations | None = None
 
     def close(self) -> None:
         if not self.stream.finished:
             self.stream.cancel()
         self.lease.release()
+        if self.running is not None:
+            self.running.discard(self)
 
     def events(self) -> AsyncIterator[TokenEvent | Finish]:
         return self.stream.__aiter__()
@@ -172,11 +281,16 @@ async def start(
     model: str | None = None,
     keep_alive: object = KEEP,
     explicit_sampling: AbstractSet[str] = frozenset(),
+    running: RunningGenerations | None = None,
+    owner: Owner | None = None,
+    n_probs: int = 0,
+    cap_to_context: bool = False,
 ) -> Generation:
     """Admit (loading ``model`` first if needed), prepare and submit. Admission comes first
     (503 before any templating); on any later error the admission place is given back before
     raising. ``explicit_sampling``: the sampling fields the request set, which the model's
-    configured defaults do not override."""
+    configured defaults do not override. With ``running`` the generation is registered (under
+    ``owner``) until it is closed."""
     lease = await host.acquire(model, keep_alive)
     engine = lease.engine
     try:
@@ -185,18 +299,39 @@ async def start(
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         max_tokens = resolve_max_tokens(
-            len(prompt), requested_max_tokens, engine.info.n_ctx, limits
+            len(prompt), requested_max_tokens, engine.info.n_ctx, limits,
+            cap_to_context=cap_to_context,
         )
         stream = engine.submit(
             GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens, sampling=sampling,
-                              stop=stop)
+                              stop=stop, n_probs=n_probs)
         )
     except BaseException:
         lease.release()
         raise
-    generation = Generation(lease, stream, prompt)
+    generation = Generation(lease, stream, prompt, running)
+    if running is not None:
+        running.add(generation, owner or Owner(""))
     observer = generation_observer.get()
     if observer is not None:
         stream.on_event = lambda event: observer.event(generation, event)
         observer.started(generation)
     return generation
+
+
+async def run_all(works: Sequence[Callable[[], Awaitable[T]]], *, limit: int) -> list[T]:
+    """Run ``works`` with at most ``limit`` at once; results in input order. The first failure
+    cancels the rest (each work closes its own Generation in ``finally``) and is raised."""
+    gate = asyncio.Semaphore(max(1, limit))
+
+    async def one(work: Callable[[], Awaitable[T]]) -> T:
+        async with gate:
+            return await work()
+
+    tasks = [asyncio.ensure_future(one(w)) for w in works]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -24,10 +25,20 @@ T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
 
 
-def event(payload: Mapping[str, Any] | str) -> bytes:
+def event(payload: Mapping[str, Any] | str, *, name: str | None = None) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
                                                                 separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {data}\n\n".encode()
+
+
+def text_event(text: str) -> bytes:
+    """A plain-text event (the seed's ``data: <token text>``). A line break inside ``text``
+    starts another ``data:`` line, which SSE clients join back with "\n"."""
+    return ("".join(f"data: {line}\n" for line in _LINE_BREAK.split(text)) + "\n").encode()
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class EventStreamResponse(Response):

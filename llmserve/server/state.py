@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
 from llmserve.registry import ModelHost
-from llmserve.server.generation import Limits
+from llmserve.server.generation import Limits, RunningGenerations
 from llmserve.server.options import ServerOptions
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ class AppState:
     options: ServerOptions
     metrics: Metrics
     drain: Drain
+    running: RunningGenerations = field(default_factory=RunningGenerations)
 
     @staticmethod
     def of(request: Request) -> AppState:

@@ -11,12 +11,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmserve.engine.types import EngineProtocol, Finish, SamplingParams, TokenEvent
-from llmserve.errors import InvalidRequest
 from llmserve.protocol import openai as oa
 from llmserve.registry import KEEP
 from llmserve.server import sse
 from llmserve.server.errors import error_payload
-from llmserve.server.generation import Generation, check_finish, collect, logit_bias_pairs, start
+from llmserve.server.generation import (
+    Generation,
+    Owner,
+    check_finish,
+    collect_or_abandon,
+    logit_bias_pairs,
+    messages_for_template,
+    start,
+)
 from llmserve.server.requests import parse
 from llmserve.server.state import AppState
 
@@ -46,16 +53,7 @@ def finish_reason(finish: Finish) -> str:
 
 
 def chat_prompt_builder(req: oa.ChatCompletionRequest) -> Callable[[EngineProtocol], list[int]]:
-    messages: list[dict[str, Any]] = []
-    for i, m in enumerate(req.messages):
-        try:
-            text = m.text()
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), param=f"messages[{i}].content") from None
-        message: dict[str, Any] = {**(m.model_extra or {}), "role": m.role, "content": text}
-        if m.name is not None:
-            message["name"] = m.name
-        messages.append(message)
+    messages = messages_for_template(req.messages)
 
     def build(engine: EngineProtocol) -> list[int]:
         return engine.tokenize(engine.format_chat(messages), add_special=True)
@@ -78,16 +76,15 @@ async def chat_completions(request: Request) -> Response:
         model=req.model,
         keep_alive=req.keep_alive_seconds(KEEP),
         explicit_sampling=req.explicit_fields(),
+        running=state.running,
+        owner=Owner.of(request),
     )
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("chatcmpl"), oa.now()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return sse.EventStreamResponse(_chat_chunks(gen, cid, created, model, include_usage))
-    try:
-        result = await sse.until_disconnect(request.receive, lambda: collect(gen.stream))
-    finally:
-        gen.close()
+    result = await collect_or_abandon(request, gen)
     if result is None:
         return Response(status_code=499)
     body = oa.ChatCompletion(
@@ -158,6 +155,8 @@ async def completions(request: Request) -> Response:
         model=req.model,
         keep_alive=req.keep_alive_seconds(KEEP),
         explicit_sampling=req.explicit_fields(),
+        running=state.running,
+        owner=Owner.of(request),
     )
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("cmpl"), oa.now()
@@ -167,10 +166,7 @@ async def completions(request: Request) -> Response:
         return sse.EventStreamResponse(
             _completion_chunks(gen, cid, created, model, include_usage, prefix)
         )
-    try:
-        result = await sse.until_disconnect(request.receive, lambda: collect(gen.stream))
-    finally:
-        gen.close()
+    result = await collect_or_abandon(request, gen)
     if result is None:
         return Response(status_code=499)
     body = oa.Completion(
