@@ -45,8 +45,16 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, body: AsyncGenerator[bytes, None], headers: Mapping[str, str] | None = None
+        self,
+        body: AsyncGenerator[bytes, None],
+        *,
+        on_close: Callable[[], None],
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """``on_close`` (idempotent) frees what the body holds; it runs however the response
+        ends, also when the body generator never started (its own ``finally`` then never
+        runs)."""
+        self.on_close = on_close
         self.status_code = 200
         self.background = None
         self.body_iterator = body
@@ -72,6 +80,7 @@ class EventStreamResponse(Response):
             except OSError:
                 pass  # the client went away mid-send; aclosing has run the body's cleanup
             finally:
+                self.on_close()
                 tg.cancel_scope.cancel()
 
 

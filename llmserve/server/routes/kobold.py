@@ -108,7 +108,7 @@ async def generate_stream(request: Request) -> sse.EventStreamResponse:
     """KoboldCpp's SSE: ``event: message`` / ``data: {"token", "finish_reason"}`` per piece of
     text; the last event has the finish_reason."""
     req, gen = await _begin(request)
-    return sse.EventStreamResponse(_token_events(req, gen))
+    return sse.EventStreamResponse(_token_events(req, gen), on_close=gen.close)
 
 
 async def _token_events(req: kb.GenerateRequest, gen: Generation

@@ -189,7 +189,7 @@ async def completion(request: Request) -> Response | sse.EventStreamResponse:
 
     if req.stream:
         gen = await begin(0)
-        return sse.EventStreamResponse(_completion_chunks(gen, req.n_probs))
+        return sse.EventStreamResponse(_completion_chunks(gen, req.n_probs), on_close=gen.close)
 
     async def one(index: int) -> dict[str, Any]:
         gen = await begin(index)

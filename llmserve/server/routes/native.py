@@ -79,7 +79,7 @@ async def _run(
 ) -> Response | sse.EventStreamResponse | Collected:
     gen = await _begin(request, req, build)
     if req.stream:
-        return sse.EventStreamResponse(_text_events(gen))
+        return sse.EventStreamResponse(_text_events(gen), on_close=gen.close)
     result = await collect_or_abandon(request, gen)
     return Response(status_code=499) if result is None else result
 

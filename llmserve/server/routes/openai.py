@@ -83,7 +83,8 @@ async def chat_completions(request: Request) -> Response:
     cid, created = oa.new_id("chatcmpl"), oa.now()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse.EventStreamResponse(_chat_chunks(gen, cid, created, model, include_usage))
+        return sse.EventStreamResponse(_chat_chunks(gen, cid, created, model, include_usage),
+                                       on_close=gen.close)
     result = await collect_or_abandon(request, gen)
     if result is None:
         return Response(status_code=499)
@@ -164,7 +165,8 @@ async def completions(request: Request) -> Response:
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return sse.EventStreamResponse(
-            _completion_chunks(gen, cid, created, model, include_usage, prefix)
+            _completion_chunks(gen, cid, created, model, include_usage, prefix),
+            on_close=gen.close,
         )
     result = await collect_or_abandon(request, gen)
     if result is None:
