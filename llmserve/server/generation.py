@@ -6,7 +6,9 @@ only translates its protocol.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import anyio.to_thread
@@ -30,11 +32,17 @@ class Limits:
     max_tokens_limit: int | None = None
 
 
-async def prepare_prompt(
-    engine: EngineProtocol, build: Callable[[EngineProtocol], list[int]]
-) -> list[int]:
-    """Template + tokenise off the event loop."""
-    return await anyio.to_thread.run_sync(build, engine)
+async def prepare(
+    engine: EngineProtocol, build: Callable[[EngineProtocol], list[int]],
+    sampling: SamplingParams,
+) -> tuple[list[int], SamplingParams]:
+    """Template + tokenise, and check the sampling parameters against the model (grammar,
+    token ids), off the event loop."""
+
+    def work() -> tuple[list[int], SamplingParams]:
+        return build(engine), engine.prepare_sampling(sampling)
+
+    return await anyio.to_thread.run_sync(work)
 
 
 def resolve_max_tokens(
@@ -55,19 +63,48 @@ def resolve_max_tokens(
     return budget
 
 
-def logit_bias_pairs(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+LogitBias = dict[str, float | bool] | list[list[int | float | bool]]
+
+
+def logit_bias_pairs(bias: LogitBias | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` or llama.cpp's ``[[token id, bias], ...]`` → pairs.
+    A bias of ``false`` bans the token (-inf), as in llama.cpp. Token ids are checked against
+    the vocabulary later, by the engine."""
     if not bias:
         return ()
+    items = bias.items() if isinstance(bias, dict) else bias
     pairs: list[tuple[int, float]] = []
-    for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
+    for item in items:
+        if isinstance(bias, list) and (not isinstance(item, list) or len(item) != 2):
             raise InvalidRequest(
-                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
-            ) from None
-        pairs.append((token, float(value)))
+                f"invalid 'logit_bias': expected [token id, bias] pairs, got {item!r}",
+                param="logit_bias",
+            )
+        key, value = item
+        pairs.append((_token_id(key), _bias_value(value)))
     return tuple(pairs)
+
+
+def _token_id(key: object) -> int:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str):
+        with contextlib.suppress(ValueError):
+            return int(key)
+    raise InvalidRequest(
+        f"invalid 'logit_bias': keys must be token ids, got {key!r}", param="logit_bias"
+    )
+
+
+def _bias_value(value: object) -> float:
+    if value is False:
+        return -math.inf
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise InvalidRequest(
+        f"invalid 'logit_bias': a bias must be a finite number or false, got {value!r}",
+        param="logit_bias",
+    )
 
 
 @dataclass
@@ -122,13 +159,24 @@ async def start(
     sampling: SamplingParams,
     stop: list[str],
     limits: Limits,
+    param_names: Mapping[str, str] | None = None,
 ) -> Generation:
     """Admit, prepare and submit. Admission comes first (503 before any templating); on any
-    later error the admission place is given back before raising."""
+    later error the admission place is given back before raising. ``param_names`` renames the
+    ``param`` of a sampling error to the route's own field (e.g. json_schema → response_format).
+    """
     lease = host.lease()
     engine = lease.engine
     try:
-        prompt = await prepare_prompt(engine, build_prompt)
+        try:
+            prompt, sampling = await prepare(engine, build_prompt, sampling)
+        except InvalidRequest as exc:
+            if param_names and exc.param is not None and exc.param in param_names:
+                wire = param_names[exc.param]
+                exc.message = exc.message.replace(f"'{exc.param}'", f"'{wire}'")
+                exc.param = wire
+                exc.args = (exc.message,)
+            raise
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         max_tokens = resolve_max_tokens(

@@ -19,16 +19,39 @@ from llmserve.server.generation import Generation, check_finish, collect, logit_
 from llmserve.server.requests import parse
 from llmserve.server.state import AppState
 
+# SamplingParams fields that need more than copying the request's value across.
+_CONVERTED = {"logit_bias", "samplers", "dry_sequence_breakers", "grammar", "json_schema"}
+
 
 def sampling_from(req: oa._Sampling) -> SamplingParams:
-    fields = {
+    fields: dict[str, Any] = {
         f.name: getattr(req, f.name)
         for f in dataclasses.fields(SamplingParams)
-        if f.name not in ("logit_bias", "ignore_eos") and getattr(req, f.name, None) is not None
+        if f.name not in _CONVERTED and getattr(req, f.name, None) is not None
     }
+    if req.samplers:  # a list of names, or llama.cpp's string of one-letter names
+        fields["samplers"] = tuple(req.samplers)
+    if req.dry_sequence_breakers is not None:
+        fields["dry_sequence_breakers"] = tuple(req.dry_sequence_breakers)
+    schema = req.json_schema
+    if req.response_format is not None and req.response_format.type != "text":
+        schema = req.response_format.schema_or_none()  # llama-server: response_format wins
+    if req.grammar and schema is not None:
+        raise InvalidRequest(
+            "invalid 'grammar': give either a grammar or a JSON schema (json_schema or "
+            "response_format), not both", param="grammar",
+        )
     return dataclasses.replace(
-        SamplingParams(), **fields, logit_bias=logit_bias_pairs(req.logit_bias)
+        SamplingParams(), **fields, logit_bias=logit_bias_pairs(req.logit_bias),
+        grammar=req.grammar or None, json_schema=schema,
     )
+
+
+def sampling_param_names(req: oa._Sampling) -> dict[str, str]:
+    """Engine-side sampling errors named as this request sent them."""
+    if req.response_format is not None and req.response_format.type != "text":
+        return {"json_schema": "response_format"}
+    return {}
 
 
 def usage(finish: Finish) -> oa.Usage:
@@ -74,6 +97,7 @@ async def chat_completions(request: Request) -> Response:
         sampling=sampling,
         stop=req.stop_list(),
         limits=state.limits,
+        param_names=sampling_param_names(req),
     )
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("chatcmpl"), oa.now()
@@ -151,6 +175,7 @@ async def completions(request: Request) -> Response:
         sampling=sampling,
         stop=req.stop_list(),
         limits=state.limits,
+        param_names=sampling_param_names(req),
     )
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("cmpl"), oa.now()
