@@ -81,7 +81,7 @@ class Timings:
     predicted_ms: float = 0.0
     cache_n: int = 0
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, int | float]:
         return {
             "cache_n": self.cache_n,
             "prompt_n": self.prompt_n,

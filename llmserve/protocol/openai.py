@@ -147,7 +147,7 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # OpenAI's {"token id": bias} or llama.cpp's [[token id, bias | false], ...]
-    logit_bias: dict[str, float | bool] | list[list[int | float | bool]] | None = None
+    logit_bias: dict[str, float | bool] | list[Any] | None = None
     user: str | None = None
 
     @field_validator("dry_sequence_breakers")
@@ -256,7 +256,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
-    timings: dict[str, float] | None = None
+    timings: dict[str, int | float] | None = None
 
 
 class Delta(BaseModel):
@@ -296,7 +296,7 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-    timings: dict[str, float] | None = None
+    timings: dict[str, int | float] | None = None
 
 
 class ModelCard(BaseModel):

@@ -10,6 +10,7 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio.to_thread
 
@@ -63,7 +64,7 @@ def resolve_max_tokens(
     return budget
 
 
-LogitBias = dict[str, float | bool] | list[list[int | float | bool]]
+LogitBias = dict[str, float | bool] | list[Any]
 
 
 def logit_bias_pairs(bias: LogitBias | None) -> tuple[tuple[int, float], ...]:
@@ -81,14 +82,14 @@ def logit_bias_pairs(bias: LogitBias | None) -> tuple[tuple[int, float], ...]:
                 param="logit_bias",
             )
         key, value = item
-        pairs.append((_token_id(key), _bias_value(value)))
+        pairs.append((_token_id(key, keys_are_text=isinstance(bias, dict)), _bias_value(value)))
     return tuple(pairs)
 
 
-def _token_id(key: object) -> int:
+def _token_id(key: object, *, keys_are_text: bool) -> int:
     if isinstance(key, int) and not isinstance(key, bool):
         return key
-    if isinstance(key, str):
+    if keys_are_text and isinstance(key, str):  # JSON object keys are strings
         with contextlib.suppress(ValueError):
             return int(key)
     raise InvalidRequest(
