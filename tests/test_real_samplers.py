@@ -34,9 +34,9 @@ from tests.test_sampling_routes import SILLYTAVERN
 pytestmark = pytest.mark.real
 
 PROMPTS = ["Once upon a time", "def fib(n):", "The capital of France is", "1, 2, 3, 4,"]
-# continuations the model is sure of, whatever the batch or the cache layout
-SURE = {"1, 2, 3, 4,": " 5, 6", "Monday, Tuesday, Wednesday,": " Thursday",
-        "a, b, c, d,": " e"}
+# Continuations the model is sure of: greedy top-2 logit gaps of 3.9 and 2.3 (measured alone),
+# above the ~1.6 that the cache layout can move a logit.
+SURE = {"10, 20, 30, 40,": " 50", "A, B, C, D, E,": " F"}
 
 
 def sdk(server: ServerProcess) -> openai.OpenAI:
@@ -95,9 +95,9 @@ def test_concurrent_greedy_equals_alone_on_fresh_servers(
             assert t["choices"][0]["text"] == a["choices"][0]["text"]
             assert t["usage"]["completion_tokens"] == a["usage"]["completion_tokens"]
         # warm now: every slot holds a cache, trimmed and refilled from here on
-        prompts = list(SURE)
+        prompts = list(SURE) * 2
         for _ in range(2):
-            warm = concurrently(lambda i: complete(together_server, prompts[i], max_tokens=8), 3)
+            warm = concurrently(lambda i: complete(together_server, prompts[i], max_tokens=3), 4)
             for prompt, result in zip(prompts, warm, strict=True):
                 assert result["choices"][0]["text"].startswith(SURE[prompt]), result
     finally:
