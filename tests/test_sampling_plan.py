@@ -46,7 +46,9 @@ def test_default_chain_is_llama_cpps() -> None:
 # values switch the sampler off, which must leave it out of the chain.
 CHANGES = [
     pytest.param({"temperature": 0.3}, ("temp_ext", (0.3, 0.0, 1.0)), id="temperature"),
-    pytest.param({"temperature": 0.0}, ("temp_ext", (0.0, 0.0, 1.0)), id="temperature-0-greedy"),
+    pytest.param({"temperature": 0.0}, ("greedy", ()), id="temperature-0-greedy"),
+    pytest.param({"temperature": 0.0, "dynatemp_range": 0.5}, ("temp_ext", (0.0, 0.5, 1.0)),
+                 id="temperature-0-with-dynatemp-is-not-greedy"),
     pytest.param({"dynatemp_range": 0.5}, ("temp_ext", (0.8, 0.5, 1.0)), id="dynatemp_range"),
     pytest.param({"dynatemp_exponent": 2.0}, ("temp_ext", (0.8, 0.0, 2.0)),
                  id="dynatemp_exponent"),
@@ -123,6 +125,18 @@ def test_every_sampling_field_is_covered() -> None:
     covered = {key for param in CHANGES for key in param.values[0]}
     covered |= {"grammar", "json_schema"}  # test_grammar_* below
     assert covered == {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def test_greedy_keeps_only_what_can_change_the_pick() -> None:
+    everything = {"repeat_penalty": 1.1, "dry_multiplier": 0.8, "top_n_sigma": 1.0,
+                  "typical_p": 0.9, "xtc_probability": 0.5, "logit_bias": ((1, 1.0),)}
+    assert plan(**everything, temperature=0).names == [
+        "logit_bias", "penalties", "dry", "typical", "xtc", "greedy"]
+    # samplers after temperature see a single candidate
+    order = ("top_k", "temperature", "xtc", "penalties")
+    assert plan(**everything, temperature=0, samplers=order).names == ["logit_bias", "greedy"]
+    # without temperature in the order, llama.cpp samples the untempered distribution
+    assert plan(temperature=0, samplers=("top_k",)).names == ["top_k", "dist"]
 
 
 def test_mirostat_replaces_the_whole_list_like_llama_cpp() -> None:

@@ -8,8 +8,10 @@ The plan follows llama.cpp's ``common_sampler_init`` (common/sampling.cpp) step 
 - logit bias first (the request's biases, plus -inf on every end-of-generation token when
   ``ignore_eos`` is set, as llama-server does);
 - mirostat 0: the ``samplers`` order (default: penalties, dry, top_n_sigma, top_k, typ_p, top_p,
-  min_p, xtc, temperature), then ``dist``. Temperature is ``temp_ext`` (dynamic temperature);
-  at temperature <= 0 it keeps only the most likely token, which makes ``dist`` greedy;
+  min_p, xtc, temperature), then ``dist``. Temperature is ``temp_ext`` (dynamic temperature).
+  At temperature <= 0 (no dynatemp) llama.cpp's temperature keeps only the most likely token
+  and ``dist`` takes it; we plan the same pick directly: ``greedy``, without the samplers that
+  cannot change it (top_k, top_p, min_p, top_n_sigma, and anything after temperature);
 - mirostat 1/2: llama.cpp replaces the whole list (penalties and DRY included) with plain
   temperature + the mirostat sampler; so do we.
 
@@ -67,6 +69,10 @@ SAMPLER_NAMES: dict[str, str] = {
 }
 
 MIROSTAT_M = 100  # llama.cpp's fixed m for mirostat 1
+
+# Truncation samplers that always keep the most likely token: before a greedy pick they change
+# nothing. (typical_p and XTC can drop it, so they stay.)
+_KEEP_THE_MOST_LIKELY = frozenset({"top_k", "top_p", "min_p", "top_n_sigma"})
 
 
 @dataclass(frozen=True)
@@ -158,11 +164,17 @@ def plan_chain(
         steps.append(SamplerStep("mirostat_v2", (seed, params.mirostat_tau, params.mirostat_eta)))
     elif params.mirostat == 0:
         order = sampler_order(params.samplers) if params.samplers else DEFAULT_ORDER
+        greedy = "temperature" in order and params.temperature <= 0 and params.dynatemp_range <= 0
+        if greedy:
+            # After temperature 0 one candidate is left: what follows it cannot change the pick.
+            order = order[: order.index("temperature")]
         for kind in order:
+            if greedy and kind in _KEEP_THE_MOST_LIKELY:
+                continue
             step = _ordered_step(kind, params, seed, vocab)
             if step is not None:
                 steps.append(step)
-        steps.append(SamplerStep("dist", (seed,)))
+        steps.append(SamplerStep("greedy") if greedy else SamplerStep("dist", (seed,)))
     else:
         raise InvalidRequest("invalid 'mirostat': expected 0, 1 or 2", param="mirostat")
     return ChainPlan(tuple(steps), _grammar(params))
@@ -343,6 +355,8 @@ class Sampler:
                 return llama_cpp.llama_sampler_init_mirostat_v2(*a)
             case "dist":
                 return llama_cpp.llama_sampler_init_dist(*a)
+            case "greedy":
+                return llama_cpp.llama_sampler_init_greedy()
         raise ValueError(f"unknown sampler {step.name!r}")
 
     def accept_history(self, tokens: Sequence[int]) -> None:
