@@ -317,10 +317,9 @@ class Sampler:
         match step.name:
             case "logit_bias":
                 pairs: Sequence[tuple[int, float]] = a[0]
-                arr = (llama_cpp.llama_logit_bias * len(pairs))()
-                for i, (token, bias) in enumerate(pairs):
-                    arr[i].token = token
-                    arr[i].bias = bias
+                arr = (llama_cpp.llama_logit_bias * len(pairs))(
+                    *(llama_cpp.llama_logit_bias(token, bias) for token, bias in pairs)
+                )
                 # llama.cpp copies the array
                 return llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(pairs), arr)
             case "penalties":

@@ -7,6 +7,13 @@ produced logits (continuous batching; with one slot it is a plain serial loop). 
 is read over several steps, in small chunks while other slots are generating, so their streams
 keep flowing.
 
+Slots share one unified KV cache. A finished or cancelled slot keeps its cells as a prefix
+cache (as llama-server does: Stop then Regenerate reuses the prompt); idle caches are dropped
+when a decode finds no room. Batching is bit-exact while each sequence's cells sit in position
+order; after a slot's cache is trimmed and refilled, llama.cpp may place its new cells before
+old ones, and logits then move by up to ~1.6 (measured; see tests/test_real_samplers.py), so a
+greedy near-tie can flip. llama-server behaves the same.
+
 Requests wait in ``_pending`` (FIFO) until a slot frees up; the bound on how many may wait is
 admission's job, in front of this. Cancellation is a flag on the stream: the loop checks it every
 step, and while a prompt is being read llama.cpp's abort callback checks it between graph nodes.
