@@ -148,6 +148,8 @@ BAD = [
     pytest.param({"mirostat_tau": -1}, "mirostat_tau", id="mirostat_tau-negative"),
     pytest.param({"mirostat_eta": -1}, "mirostat_eta", id="mirostat_eta-negative"),
     pytest.param({"min_keep": -1}, "min_keep", id="min_keep-negative"),
+    pytest.param({"dry_allowed_length": 2**31}, "dry_allowed_length",
+                 id="dry_allowed_length-past-int32"),
     pytest.param({"seed": 1.5}, "seed", id="seed-float"),
     pytest.param({"ignore_eos": "maybe"}, "ignore_eos", id="ignore_eos-string"),
     pytest.param({"samplers": ["top_k", "magic"]}, "samplers", id="samplers-unknown"),

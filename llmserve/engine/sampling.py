@@ -202,7 +202,7 @@ def _ordered_step(
         case "top_n_sigma":
             return SamplerStep("top_n_sigma", (p.top_n_sigma,)) if p.top_n_sigma > 0 else None
         case "top_k":
-            return SamplerStep("top_k", (p.top_k,)) if p.top_k > 0 else None
+            return SamplerStep("top_k", (min(p.top_k, vocab.n_vocab),)) if p.top_k > 0 else None
         case "typical":
             return SamplerStep("typical", (p.typical_p, keep)) if p.typical_p < 1.0 else None
         case "top_p":
@@ -221,8 +221,9 @@ def _ordered_step(
 
 
 def _window(last_n: int, vocab: VocabFacts) -> int:
-    """-1 means the whole context (llama-server's convention for repeat/dry_penalty_last_n)."""
-    return vocab.n_ctx if last_n < 0 else last_n
+    """-1 means the whole context (llama-server's convention for repeat/dry_penalty_last_n).
+    A longer window cannot see more than the context, and llama.cpp allocates it up front."""
+    return vocab.n_ctx if last_n < 0 else min(last_n, vocab.n_ctx)
 
 
 def _logit_bias(params: SamplingParams, vocab: VocabFacts) -> tuple[tuple[int, float], ...]:

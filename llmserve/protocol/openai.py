@@ -101,6 +101,9 @@ def _finite(
     return Field(default=None, allow_inf_nan=False, validation_alias=alias, ge=ge, gt=gt, le=le)
 
 
+INT32_MAX = 2**31 - 1  # llama.cpp's int32_t parameters
+
+
 class _Sampling(_Request):
     """Sampling fields shared by chat and text completions: OpenAI's names plus llama.cpp's
     (and the aliases SillyTavern's backends send). Names match SamplingParams."""
@@ -127,14 +130,14 @@ class _Sampling(_Request):
     repeat_last_n: int | None = Field(default=None, ge=-1)
     dry_multiplier: float | None = _finite("dry_multiplier", ge=0.0)
     dry_base: float | None = _finite("dry_base", ge=1.0)
-    dry_allowed_length: int | None = Field(default=None, ge=0)
+    dry_allowed_length: int | None = Field(default=None, ge=0, le=INT32_MAX)
     dry_penalty_last_n: int | None = Field(default=None, ge=-1)
     # a JSON array of strings, or that array as a JSON string (text-generation-webui's form)
     dry_sequence_breakers: list[str] | str | None = None
     mirostat: int | None = Field(default=None, ge=0, le=2)
     mirostat_tau: float | None = _finite("mirostat_tau", ge=0.0)
     mirostat_eta: float | None = _finite("mirostat_eta", ge=0.0)
-    min_keep: int | None = Field(default=None, ge=0)
+    min_keep: int | None = Field(default=None, ge=0, le=INT32_MAX)
     seed: int | None = None
     ignore_eos: bool | None = None
     # sampler order: llama.cpp names, or its one-letter string form ("edskypmxt")
