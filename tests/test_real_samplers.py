@@ -223,24 +223,24 @@ def test_samplers_take_effect_on_the_real_model(
     paris = vocab.tokenize(" Paris", add_special=False)[0]
     banned = complete(slots4, prompt, max_tokens=4, logit_bias=[[paris, False]])
     assert not banned["choices"][0]["text"].startswith(" Paris")
-    # ignore_eos: the model would stop early; with it, generation runs to max_tokens
-    chat = {"messages": [{"role": "user", "content": "Reply with just the word OK."}],
-            "max_tokens": 40, "temperature": 0}
-    short = httpx.post(slots4.url + "/v1/chat/completions", json=chat, timeout=120).json()
-    assert short["choices"][0]["finish_reason"] == "stop", short
-    forced = httpx.post(slots4.url + "/v1/chat/completions", json={**chat, "ignore_eos": True},
-                        timeout=120).json()
+    # ignore_eos: end-of-generation tokens pushed to the top end the answer at once; with
+    # ignore_eos they are banned and generation runs to max_tokens
+    eos_first = [[t, 100.0] for t in vocab.eog_tokens]
+    short = complete(slots4, prompt, max_tokens=8, logit_bias=eos_first)
+    assert short["choices"][0]["finish_reason"] == "stop"
+    assert short["usage"]["completion_tokens"] == 0
+    forced = complete(slots4, prompt, max_tokens=8, logit_bias=eos_first, ignore_eos=True)
     assert forced["choices"][0]["finish_reason"] == "length"
-    assert forced["usage"]["completion_tokens"] == 40
+    assert forced["usage"]["completion_tokens"] == 8
     # at temperature 1.5 the seed decides; top_k 1 leaves no choice, whatever the seed
     hot: dict[str, Any] = {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
                            "max_tokens": 6}
     drawn = {complete(slots4, "1, 2, 3, 4,", seed=s, **hot)["choices"][0]["text"]
              for s in range(5)}
     assert len(drawn) > 1, drawn
-    narrowed = {complete(slots4, "1, 2, 3, 4,", seed=s, **{**hot, "top_k": 1})["choices"][0]
-                ["text"] for s in range(3)}
-    assert len(narrowed) == 1 and narrowed.pop().startswith(" 5, 6"), narrowed
+    narrowed = {complete(slots4, "1, 2, 3, 4,", seed=s, **{**hot, "top_k": 1, "max_tokens": 2})
+                ["choices"][0]["text"] for s in range(3)}
+    assert narrowed == {" 5,"}, narrowed
 
 
 def test_twelve_mixed_requests_all_complete(slots4: ServerProcess) -> None:
