@@ -240,7 +240,7 @@ def test_samplers_take_effect_on_the_real_model(
     assert len(drawn) > 1, drawn
     narrowed = {complete(slots4, "1, 2, 3, 4,", seed=s, **{**hot, "top_k": 1, "max_tokens": 2})
                 ["choices"][0]["text"] for s in range(3)}
-    assert narrowed == {" 5,"}, narrowed
+    assert len(narrowed) == 1 and narrowed.pop().startswith(" 5"), narrowed
 
 
 def test_twelve_mixed_requests_all_complete(slots4: ServerProcess) -> None:
