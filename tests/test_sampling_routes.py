@@ -3,6 +3,7 @@ SamplingParams, and refuse bad values with a 400 naming the parameter."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -204,3 +205,14 @@ def test_non_finite_logit_bias_is_400(client: TestClient) -> None:
                     headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "logit_bias"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_the_last_streamed_chunk_carries_timings(client: TestClient, path: str) -> None:
+    body = {"messages": MESSAGES} if "chat" in path else {"prompt": "Hi"}
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    finals = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["timings"]["predicted_n"] == 4
+    assert all("timings" not in e for e in events if e is not finals[0])

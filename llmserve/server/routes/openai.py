@@ -129,13 +129,16 @@ async def chat_completions(request: Request) -> Response:
 async def _chat_chunks(
     gen: Generation, cid: str, created: int, model: str, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
-    def chunk(delta: dict[str, str], reason: str | None = None) -> bytes:
+    def chunk(delta: dict[str, str], reason: str | None = None,
+              timings: dict[str, int | float] | None = None) -> bytes:
         body: dict[str, Any] = {
             "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
         }
         if include_usage:
             body["usage"] = None
+        if timings is not None:  # on the last chunk, as llama-server does
+            body["timings"] = timings
         return sse.event(body)
 
     try:
@@ -146,7 +149,7 @@ async def _chat_chunks(
                     yield chunk({"content": ev.text})
                 continue
             finish = check_finish(ev)
-            yield chunk({}, finish_reason(finish))
+            yield chunk({}, finish_reason(finish), finish.timings.to_dict())
             if include_usage:
                 yield sse.event({
                     "id": cid, "object": "chat.completion.chunk", "created": created,
@@ -206,13 +209,16 @@ async def completions(request: Request) -> Response:
 async def _completion_chunks(
     gen: Generation, cid: str, created: int, model: str, include_usage: bool, prefix: str
 ) -> AsyncGenerator[bytes, None]:
-    def chunk(text: str, reason: str | None = None) -> bytes:
+    def chunk(text: str, reason: str | None = None,
+              timings: dict[str, int | float] | None = None) -> bytes:
         body: dict[str, Any] = {
             "id": cid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
         }
         if include_usage:
             body["usage"] = None
+        if timings is not None:  # on the last chunk, as llama-server does
+            body["timings"] = timings
         return sse.event(body)
 
     try:
@@ -224,7 +230,7 @@ async def _completion_chunks(
                     yield chunk(ev.text)
                 continue
             finish = check_finish(ev)
-            yield chunk("", finish_reason(finish))
+            yield chunk("", finish_reason(finish), finish.timings.to_dict())
             if include_usage:
                 yield sse.event({
                     "id": cid, "object": "text_completion", "created": created,
