@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmserve.engine.sampling import VocabFacts, compile_params
 from llmserve.engine.types import (
     Finish,
     GenerationRequest,
     GenerationStream,
     ModelInfo,
+    SamplingParams,
     SlotState,
     Timings,
     TokenEvent,
@@ -71,6 +73,11 @@ class FakeEngine:
         if any(t < 0 for t in tokens):
             raise InvalidRequest("bad token", param="tokens")
         return "".join(chr(t) for t in tokens)
+
+    def prepare_sampling(self, params: SamplingParams) -> SamplingParams:
+        # The real model-free checks (sampler names, token ids, JSON schema); grammar text is
+        # only parsed by the real engine. Token ids are characters here.
+        return compile_params(params, VocabFacts(n_vocab=0x110000, n_ctx=self.n_ctx))
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         self.requests.append(request)

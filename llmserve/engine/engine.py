@@ -9,17 +9,24 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from llmserve.engine import sampling
 from llmserve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
-from llmserve.engine.model import LoadedModel, supports_gpu_offload
+from llmserve.engine.model import LoadedModel, check_parallel, supports_gpu_offload
 from llmserve.engine.scheduler import Scheduler
-from llmserve.engine.types import GenerationRequest, GenerationStream, ModelInfo, SlotState
+from llmserve.engine.types import (
+    GenerationRequest,
+    GenerationStream,
+    ModelInfo,
+    SamplingParams,
+    SlotState,
+)
 from llmserve.errors import InvalidRequest
 
 
 class Engine:
-    """Thread-safety: ``submit`` belongs to the event loop; ``format_chat``, ``tokenize`` and
-    ``detokenize`` may run in any thread (routes call them off the loop); ``close`` blocks until
-    the worker has stopped and the model is freed."""
+    """Thread-safety: ``submit`` belongs to the event loop; ``format_chat``, ``tokenize``,
+    ``detokenize`` and ``prepare_sampling`` may run in any thread (routes call them off the
+    loop); ``close`` blocks until the worker has stopped and the model is freed."""
 
     def __init__(self, model: LoadedModel, model_id: str, chat_template: str | None) -> None:
         self.model = model
@@ -45,6 +52,7 @@ class Engine:
             n_params=model.n_params,
             created=int(time.time()),
         )
+        model.eog_tokens  # noqa: B018 - computed once here rather than by a request
         self.scheduler = Scheduler(model)
 
     @classmethod
@@ -73,8 +81,8 @@ class Engine:
         """
         if n_gpu_layers is None:
             n_gpu_layers = -1 if supports_gpu_offload() else 0
-        if n_parallel < 1:
-            raise InvalidRequest("parallel must be at least 1", param="parallel")
+        if n_ctx > 0:  # else the model's trained context, known once loaded: LoadedModel checks
+            check_parallel(n_parallel, n_ctx)
         started = time.monotonic()
         model = LoadedModel(
             path,
@@ -121,6 +129,9 @@ class Engine:
                 f"token ids out of range 0..{self.model.n_vocab - 1}: {bad[:5]}", param="tokens"
             )
         return self.model.detokenize(tokens)
+
+    def prepare_sampling(self, params: SamplingParams) -> SamplingParams:
+        return sampling.prepare(params, self.model)
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         stream = GenerationStream(request, asyncio.get_running_loop())

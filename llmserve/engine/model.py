@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -17,12 +18,17 @@ from typing import Any
 
 import llama_cpp
 
-from llmserve.errors import ModelLoadError
+from llmserve.errors import InvalidRequest, ModelLoadError
 
 log = logging.getLogger("llmserve.llama")  # llama.cpp's own log lines
 engine_log = logging.getLogger("llmserve.engine")
 
 GGUF_MAGIC = b"GGUF"
+
+# The context is shared by all slots (unified KV cache), but N requests at once each need room
+# for a chat template, a prompt and an answer. Below this many tokens per slot, --parallel N
+# would mostly produce context-full errors, so it is refused at startup.
+MIN_CTX_PER_SLOT = 256
 
 # llama.cpp reports why a load failed only through its log. Keep the last lines so an error can
 # say more than "failed to load"; they are shown to the user, never parsed.
@@ -183,6 +189,19 @@ def check_gguf_file(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def check_parallel(n_parallel: int, n_ctx: int) -> None:
+    """Refuse ``--parallel N`` when the context cannot give each slot MIN_CTX_PER_SLOT tokens."""
+    if n_parallel < 1:
+        raise InvalidRequest("parallel must be at least 1", param="parallel")
+    if n_ctx < n_parallel * MIN_CTX_PER_SLOT:
+        raise InvalidRequest(
+            f"--parallel {n_parallel} needs a context of at least "
+            f"{n_parallel * MIN_CTX_PER_SLOT} tokens ({MIN_CTX_PER_SLOT} per slot), but the "
+            f"context is {n_ctx}: raise --ctx-size or lower --parallel",
+            param="parallel",
+        )
+
+
 def _llama_error_detail() -> str:
     """The first error llama.cpp logged since the load began: the cause ("unknown model
     architecture: 'x'"); later lines only say that loading failed."""
@@ -249,9 +268,15 @@ class LoadedModel:
         self.size_bytes = int(llama_cpp.llama_model_size(model))
         self.n_gpu_layers = n_gpu_layers
 
+        ctx_size = n_ctx if n_ctx > 0 else self.n_ctx_train
+        try:
+            check_parallel(n_parallel, ctx_size)
+        except InvalidRequest:
+            self.close()
+            raise
         threads = n_threads or os.cpu_count() or 1
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx if n_ctx > 0 else self.n_ctx_train
+        cparams.n_ctx = ctx_size
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_parallel
@@ -370,6 +395,11 @@ class LoadedModel:
         return b"".join(self.token_to_piece(t, special=special) for t in tokens).decode(
             "utf-8", errors="replace"
         )
+
+    @functools.cached_property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token (EOS, EOT, ...): what ``ignore_eos`` bans."""
+        return tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))

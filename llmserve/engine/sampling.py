@@ -2,23 +2,77 @@
 
 ``plan_chain`` is pure: it decides which samplers run, in which order, with which arguments, so
 tests can assert on it without a model. ``Sampler`` builds that plan with llama_sampler_* calls.
-The order follows llama.cpp's common sampler: logit bias, penalties, then the truncation
-samplers, temperature, and finally the distribution (or greedy at temperature 0).
+
+The plan follows llama.cpp's ``common_sampler_init`` (common/sampling.cpp) step for step:
+
+- logit bias first (the request's biases, plus -inf on every end-of-generation token when
+  ``ignore_eos`` is set, as llama-server does);
+- mirostat 0: the ``samplers`` order (default: penalties, dry, top_n_sigma, top_k, typ_p, top_p,
+  min_p, xtc, temperature), then ``dist``. Temperature is ``temp_ext`` (dynamic temperature).
+  At temperature <= 0 (no dynatemp) llama.cpp's temperature keeps only the most likely token
+  and ``dist`` takes it; we plan the same pick directly: ``greedy``, without the samplers that
+  cannot change it (top_k, top_p, min_p, top_n_sigma, and anything after temperature);
+- mirostat 1/2: llama.cpp replaces the whole list (penalties and DRY included) with plain
+  temperature + the mirostat sampler; so do we.
+
+A sampler whose values make it a no-op (top_k 0, top_p 1, repeat_penalty 1, ...) is left out of
+the plan; llama.cpp runs it and it changes nothing, so the result is the same.
+
+The grammar is not part of the chain. Like ``common_sampler`` we keep it apart, sample with the
+chain, check the chosen token against the grammar and, only if it is rejected, sample again with
+the grammar applied first (checking 49k candidates every token is much slower). Keeping it apart
+also keeps prompt tokens out of it: ``accept_history`` feeds the prompt to the chain's samplers
+that look back (penalties, DRY), never to the grammar, which must see generated tokens only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import llama_cpp
+import numpy as np
+from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from llmserve.engine.types import SamplingParams
+from llmserve.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from llmserve.engine.model import LoadedModel
+
+# llama.cpp's default order (common_params_sampling::samplers).
+DEFAULT_ORDER = (
+    "penalties", "dry", "top_n_sigma", "top_k", "typical", "top_p", "min_p", "xtc", "temperature",
+)
+
+# Names as clients send them (common_sampler_types_from_names: canonical, kebab-case, no dash,
+# and a few aliases; plus "typical_p"/"typical", the parameter names SillyTavern and KoboldCpp
+# use) → the step kind. Single characters are llama.cpp's string form ("edskypmxt").
+_CANONICAL = {
+    "penalties": "penalties", "dry": "dry", "top_n_sigma": "top_n_sigma", "top_k": "top_k",
+    "typ_p": "typical", "typical_p": "typical", "top_p": "top_p", "min_p": "min_p", "xtc": "xtc",
+    "temperature": "temperature",
+}
+SAMPLER_NAMES: dict[str, str] = {
+    **{name.replace("_", "-"): kind for name, kind in _CANONICAL.items()},
+    **{name.replace("_", ""): kind for name, kind in _CANONICAL.items()},
+    **_CANONICAL,
+    "nucleus": "top_p", "temp": "temperature", "typ": "typical", "typical": "typical",
+    "e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typical", "p": "top_p",
+    "m": "min_p", "x": "xtc", "t": "temperature",
+}
+
+MIROSTAT_M = 100  # llama.cpp's fixed m for mirostat 1
+
+# Truncation samplers that always keep the most likely token: before a greedy pick they change
+# nothing. (typical_p and XTC can drop it, so they stay.)
+_KEEP_THE_MOST_LIKELY = frozenset({"top_k", "top_p", "min_p", "top_n_sigma"})
 
 
 @dataclass(frozen=True)
@@ -27,40 +81,170 @@ class SamplerStep:
     args: tuple[Any, ...] = ()
 
 
-def plan_chain(params: SamplingParams, *, seed: int) -> list[SamplerStep]:
-    steps: list[SamplerStep] = []
-    if params.logit_bias:
-        steps.append(SamplerStep("logit_bias", (params.logit_bias,)))
-    if (
-        params.repeat_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-    ) and params.repeat_last_n != 0:
-        steps.append(
-            SamplerStep(
-                "penalties",
-                (
-                    params.repeat_last_n,
-                    params.repeat_penalty,
-                    params.frequency_penalty,
-                    params.presence_penalty,
-                ),
+@dataclass(frozen=True)
+class ChainPlan:
+    steps: tuple[SamplerStep, ...]
+    grammar: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+    def step(self, name: str) -> SamplerStep:
+        return next(s for s in self.steps if s.name == name)
+
+    @property
+    def history_window(self) -> int:
+        """How many trailing prompt tokens the look-back samplers need (0: none look back)."""
+        window = 0
+        for s in self.steps:
+            if s.name == "penalties":
+                window = max(window, s.args[0])
+            elif s.name == "dry":
+                window = max(window, s.args[3])
+        return window
+
+
+@dataclass(frozen=True)
+class VocabFacts:
+    """What planning needs to know about the model."""
+
+    n_vocab: int
+    n_ctx: int
+    eog_tokens: tuple[int, ...] = ()
+
+
+def sampler_order(names: Sequence[str]) -> tuple[str, ...]:
+    """Client sampler names → step kinds; unknown names are a 400 naming ``samplers``."""
+    kinds: list[str] = []
+    for name in names:
+        kind = SAMPLER_NAMES.get(name.strip().lower())
+        if kind is None:
+            known = ", ".join(_CANONICAL)
+            raise InvalidRequest(
+                f"invalid 'samplers': unknown sampler {name!r}; known: {known}", param="samplers"
             )
+        kinds.append(kind)
+    return tuple(kinds)
+
+
+def compile_json_schema(schema: dict[str, Any]) -> str:
+    """A JSON schema → GBNF. An empty schema means any JSON object (llama-server's rule)."""
+    if not schema:
+        schema = {"type": "object"}
+    try:
+        return str(json_schema_to_gbnf(json.dumps(schema)))
+    except Exception as exc:  # the converter asserts, and raises KeyError/TypeError on odd input
+        detail = str(exc) or type(exc).__name__
+        raise InvalidRequest(
+            f"invalid 'json_schema': cannot convert it to a grammar: {detail}", param="json_schema"
+        ) from None
+
+
+def plan_chain(
+    params: SamplingParams, *, vocab: VocabFacts, seed: int | None = None
+) -> ChainPlan:
+    """The sampler chain for ``params``. ``seed`` overrides ``params.seed`` (whose absence or
+    a negative value means a random one). Raises InvalidRequest for what only the model can
+    judge (token ids outside the vocabulary, unknown sampler names, a bad JSON schema)."""
+    if seed is None:
+        seed = resolve_seed(params.seed)
+    steps: list[SamplerStep] = []
+    bias = _logit_bias(params, vocab)
+    if bias:
+        steps.append(SamplerStep("logit_bias", (bias,)))
+    if params.mirostat == 1:
+        steps.append(SamplerStep("temp", (params.temperature,)))
+        steps.append(SamplerStep(
+            "mirostat",
+            (vocab.n_vocab, seed, params.mirostat_tau, params.mirostat_eta, MIROSTAT_M),
+        ))
+    elif params.mirostat == 2:
+        steps.append(SamplerStep("temp", (params.temperature,)))
+        steps.append(SamplerStep("mirostat_v2", (seed, params.mirostat_tau, params.mirostat_eta)))
+    elif params.mirostat == 0:
+        order = sampler_order(params.samplers) if params.samplers else DEFAULT_ORDER
+        greedy = "temperature" in order and params.temperature <= 0 and params.dynatemp_range <= 0
+        if greedy:
+            # After temperature 0 one candidate is left: what follows it cannot change the pick.
+            order = order[: order.index("temperature")]
+        for kind in order:
+            if greedy and kind in _KEEP_THE_MOST_LIKELY:
+                continue
+            step = _ordered_step(kind, params, seed, vocab)
+            if step is not None:
+                steps.append(step)
+        steps.append(SamplerStep("greedy") if greedy else SamplerStep("dist", (seed,)))
+    else:
+        raise InvalidRequest("invalid 'mirostat': expected 0, 1 or 2", param="mirostat")
+    return ChainPlan(tuple(steps), _grammar(params))
+
+
+def _ordered_step(
+    kind: str, p: SamplingParams, seed: int, vocab: VocabFacts
+) -> SamplerStep | None:
+    keep = max(p.min_keep, 0)
+    match kind:
+        case "penalties":
+            last_n = _window(p.repeat_last_n, vocab)
+            neutral = (p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0
+                       and p.presence_penalty == 0.0)
+            if last_n == 0 or neutral:
+                return None
+            return SamplerStep("penalties", (last_n, p.repeat_penalty, p.frequency_penalty,
+                                             p.presence_penalty))
+        case "dry":
+            last_n = _window(p.dry_penalty_last_n, vocab)
+            if p.dry_multiplier == 0.0 or last_n == 0 or p.dry_base < 1.0:
+                return None
+            return SamplerStep("dry", (p.dry_multiplier, p.dry_base, p.dry_allowed_length, last_n,
+                                       tuple(p.dry_sequence_breakers)))
+        case "top_n_sigma":
+            return SamplerStep("top_n_sigma", (p.top_n_sigma,)) if p.top_n_sigma > 0 else None
+        case "top_k":
+            return SamplerStep("top_k", (min(p.top_k, vocab.n_vocab),)) if p.top_k > 0 else None
+        case "typical":
+            return SamplerStep("typical", (p.typical_p, keep)) if p.typical_p < 1.0 else None
+        case "top_p":
+            return SamplerStep("top_p", (p.top_p, keep)) if p.top_p < 1.0 else None
+        case "min_p":
+            return SamplerStep("min_p", (p.min_p, keep)) if p.min_p > 0.0 else None
+        case "xtc":
+            # llama.cpp: probability 0 or a threshold above 0.5 disables XTC
+            if p.xtc_probability <= 0.0 or p.xtc_threshold > 0.5:
+                return None
+            return SamplerStep("xtc", (p.xtc_probability, p.xtc_threshold, keep, seed))
+        case "temperature":
+            return SamplerStep("temp_ext", (p.temperature, p.dynatemp_range,
+                                            p.dynatemp_exponent))
+    raise AssertionError(f"unplanned sampler kind {kind!r}")
+
+
+def _window(last_n: int, vocab: VocabFacts) -> int:
+    """-1 means the whole context (llama-server's convention for repeat/dry_penalty_last_n).
+    A longer window cannot see more than the context, and llama.cpp allocates it up front."""
+    return vocab.n_ctx if last_n < 0 else min(last_n, vocab.n_ctx)
+
+
+def _logit_bias(params: SamplingParams, vocab: VocabFacts) -> tuple[tuple[int, float], ...]:
+    bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab.n_vocab]
+    if bad:
+        raise InvalidRequest(
+            f"invalid 'logit_bias': token ids must be in 0..{vocab.n_vocab - 1}, got {bad[:5]}",
+            param="logit_bias",
         )
-    if params.temperature <= 0.0:
-        steps.append(SamplerStep("greedy"))
-        return steps
-    if params.top_k > 0:
-        steps.append(SamplerStep("top_k", (params.top_k,)))
-    if params.typical_p < 1.0:
-        steps.append(SamplerStep("typical", (params.typical_p, 1)))
-    if params.top_p < 1.0:
-        steps.append(SamplerStep("top_p", (params.top_p, 1)))
-    if params.min_p > 0.0:
-        steps.append(SamplerStep("min_p", (params.min_p, 1)))
-    steps.append(SamplerStep("temp", (params.temperature,)))
-    steps.append(SamplerStep("dist", (seed,)))
-    return steps
+    bias = list(params.logit_bias)
+    if params.ignore_eos:
+        bias += [(t, -math.inf) for t in vocab.eog_tokens]
+    return tuple(bias)
+
+
+def _grammar(params: SamplingParams) -> str | None:
+    if params.grammar:
+        return params.grammar
+    if params.json_schema is not None:
+        return compile_json_schema(params.json_schema)
+    return None
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -69,20 +253,64 @@ def resolve_seed(seed: int | None) -> int:
     return seed & 0xFFFFFFFF
 
 
+def vocab_facts(model: LoadedModel) -> VocabFacts:
+    return VocabFacts(n_vocab=model.n_vocab, n_ctx=model.n_ctx, eog_tokens=model.eog_tokens)
+
+
+def compile_params(params: SamplingParams, vocab: VocabFacts) -> SamplingParams:
+    """The model-free part of ``prepare``: plan the chain (which validates) and compile
+    ``json_schema`` into ``grammar``. Raises InvalidRequest."""
+    plan = plan_chain(params, seed=0, vocab=vocab)
+    if plan.grammar is None or plan.grammar == params.grammar:
+        return params
+    return dataclasses.replace(params, grammar=plan.grammar, json_schema=None)
+
+
+def prepare(params: SamplingParams, model: LoadedModel) -> SamplingParams:
+    """Check everything about ``params`` that needs the model, before the request reaches the
+    worker thread: token ids, sampler names, the JSON schema and the grammar (parsed by
+    llama.cpp against the vocabulary). Returns ``params`` with the schema compiled into
+    ``grammar``. Raises InvalidRequest. Thread-safe: it reads the vocabulary only."""
+    name = "grammar" if params.grammar else "json_schema"
+    params = compile_params(params, vocab_facts(model))
+    if not params.grammar:
+        return params
+    grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
+    if not grammar:
+        what = ("GBNF syntax error, an undefined rule, left recursion or no 'root' rule"
+                if name == "grammar" else "the grammar made from it does not parse")
+        raise InvalidRequest(f"invalid '{name}': llama.cpp could not parse it ({what})",
+                             param=name)
+    llama_cpp.llama_sampler_free(grammar)
+    return params
+
+
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+
+
 class Sampler:
-    """One request's sampler chain. Owned by the worker thread; ``free`` it when done."""
+    """One request's sampler chain (and grammar). Owned by the worker thread; ``free`` it when
+    done. Raises InvalidRequest when the grammar does not parse (``prepare`` checks first)."""
 
     def __init__(self, params: SamplingParams, model: LoadedModel) -> None:
-        self.seed = resolve_seed(params.seed)
-        self.plan = plan_chain(params, seed=self.seed)
+        self.plan = plan_chain(params, vocab=vocab_facts(model))
+        self._n_vocab = model.n_vocab
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self._chain: Any = llama_cpp.llama_sampler_chain_init(chain_params)
-        self.tracks_history = False
-        for step in self.plan:
+        self._grammar: Any = None
+        for step in self.plan.steps:
             llama_cpp.llama_sampler_chain_add(self._chain, self._build(step, model))
-            if step.name == "penalties":
-                self.tracks_history = True
+        if self.plan.grammar is not None:
+            self._grammar = llama_cpp.llama_sampler_init_grammar(
+                model.vocab, self.plan.grammar.encode(), b"root"
+            )
+            if not self._grammar:
+                self.free()
+                raise InvalidRequest("invalid 'grammar': llama.cpp could not parse it",
+                                     param="grammar")
+            self._candidates = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
+            self._token_ids = np.arange(model.n_vocab, dtype=np.int32)
 
     @staticmethod
     def _build(step: SamplerStep, model: LoadedModel) -> Any:
@@ -90,15 +318,23 @@ class Sampler:
         match step.name:
             case "logit_bias":
                 pairs: Sequence[tuple[int, float]] = a[0]
-                arr = (llama_cpp.llama_logit_bias * len(pairs))()
-                for i, (token, bias) in enumerate(pairs):
-                    arr[i].token = token  # type: ignore[assignment]
-                    arr[i].bias = bias
+                arr = (llama_cpp.llama_logit_bias * len(pairs))(
+                    *(llama_cpp.llama_logit_bias(token, bias) for token, bias in pairs)
+                )
+                # llama.cpp copies the array
                 return llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(pairs), arr)
             case "penalties":
                 return llama_cpp.llama_sampler_init_penalties(model.n_vocab, *a)
-            case "greedy":
-                return llama_cpp.llama_sampler_init_greedy()
+            case "dry":
+                breakers = [b.encode("utf-8") for b in a[4]]
+                c_breakers = (ctypes.c_char_p * max(len(breakers), 1))(*breakers)
+                # llama_sampler_init_dry copies the strings; the buffers only need to outlive
+                # the call, which ``breakers`` and ``c_breakers`` do.
+                return llama_cpp.llama_sampler_init_dry(
+                    model.vocab, a[0], a[1], a[2], a[3], c_breakers, len(breakers)
+                )
+            case "top_n_sigma":
+                return llama_cpp.llama_sampler_init_top_n_sigma(*a)
             case "top_k":
                 return llama_cpp.llama_sampler_init_top_k(*a)
             case "typical":
@@ -107,24 +343,69 @@ class Sampler:
                 return llama_cpp.llama_sampler_init_top_p(*a)
             case "min_p":
                 return llama_cpp.llama_sampler_init_min_p(*a)
+            case "xtc":
+                return llama_cpp.llama_sampler_init_xtc(*a)
+            case "temp_ext":
+                return llama_cpp.llama_sampler_init_temp_ext(*a)
             case "temp":
                 return llama_cpp.llama_sampler_init_temp(*a)
+            case "mirostat":
+                return llama_cpp.llama_sampler_init_mirostat(*a)
+            case "mirostat_v2":
+                return llama_cpp.llama_sampler_init_mirostat_v2(*a)
             case "dist":
                 return llama_cpp.llama_sampler_init_dist(*a)
+            case "greedy":
+                return llama_cpp.llama_sampler_init_greedy()
         raise ValueError(f"unknown sampler {step.name!r}")
 
     def accept_history(self, tokens: Sequence[int]) -> None:
-        """Feed prompt tokens to the samplers that look back (repeat/presence penalties)."""
-        if self.tracks_history:
-            for token in tokens:
+        """Feed the prompt's last tokens to the chain's look-back samplers (penalties, DRY),
+        as llama-server does; never to the grammar."""
+        window = self.plan.history_window
+        if window:
+            for token in tokens[-window:]:
                 llama_cpp.llama_sampler_accept(self._chain, token)
 
     def sample(self, ctx: Any, index: int) -> int:
         """Sample from the logits of batch position ``index`` and accept the token."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+        if self._grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+        token = self._sample_constrained(ctx, index)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _sample_constrained(self, ctx: Any, index: int) -> int:
+        # common_sampler_sample's rejection sampling: try the chain alone, keep its pick if the
+        # grammar allows it, else apply the grammar first and sample again.
+        token = self._apply(ctx, index, with_grammar=False)
+        probe = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
+        probe_arr = llama_cpp.llama_token_data_array(probe, 1, -1, False)
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(probe_arr))
+        if probe[0].logit != -math.inf:
+            return token
+        return self._apply(ctx, index, with_grammar=True)
+
+    def _apply(self, ctx: Any, index: int, *, with_grammar: bool) -> int:
+        logits = llama_cpp.llama_get_logits_ith(ctx, index)
+        cand = self._candidates
+        cand["id"] = self._token_ids  # the previous pass left them sorted and cut
+        cand["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+        cand["p"] = 0.0
+        data = cand.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+        arr = llama_cpp.llama_token_data_array(data, self._n_vocab, -1, False)
+        if with_grammar:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(arr))
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        if arr.selected < 0 or arr.data[arr.selected].logit == -math.inf:
+            raise RuntimeError("the grammar allows no token here")
+        return int(arr.data[arr.selected].id)
 
     def free(self) -> None:
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
-
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None

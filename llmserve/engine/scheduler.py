@@ -3,7 +3,16 @@
 One thread owns the llama.cpp context; nothing else calls into it. Each step it admits waiting
 requests into free slots, builds ONE batch holding the next token of every generating slot plus
 a chunk of any prompt still being read, calls llama_decode once, then samples for every slot that
-produced logits (continuous batching; with one slot it is a plain serial loop).
+produced logits (continuous batching; with one slot it is a plain serial loop). A long prompt
+is read over several steps, in small chunks while other slots are generating, so their streams
+keep flowing.
+
+Slots share one unified KV cache. A finished or cancelled slot keeps its cells as a prefix
+cache (as llama-server does: Stop then Regenerate reuses the prompt); idle caches are dropped
+when a decode finds no room. Batching is bit-exact while each sequence's cells sit in position
+order; after a slot's cache is trimmed and refilled, llama.cpp may place its new cells before
+old ones, and logits then move by up to ~1.6 (measured; see tests/test_real_samplers.py), so a
+greedy near-tie can flip. llama-server behaves the same.
 
 Requests wait in ``_pending`` (FIFO) until a slot frees up; the bound on how many may wait is
 admission's job, in front of this. Cancellation is a flag on the stream: the loop checks it every
@@ -37,6 +46,14 @@ from llmserve.engine.types import (
 log = logging.getLogger("llmserve.engine")
 
 
+# While another slot generates, a step reads at most this many prompt tokens (see _step).
+PROMPT_CHUNK_WHILE_GENERATING = 128
+# A free slot's cache is reused only when it covers at least this share of the new prompt;
+# otherwise the least recently used slot is taken, so a long cached chat is not thrown away
+# for a shared BOS token (llama-server's --slot-prompt-similarity, default 0.1).
+MIN_REUSE_FRACTION = 0.1
+
+
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -67,6 +84,16 @@ class Slot:
     cached: list[int] = field(default_factory=list)
     job: _Job | None = None
     last_used: float = 0.0
+
+
+def choose_slot(free: list[Slot], prompt: list[int]) -> Slot:
+    """The free slot whose cache shares the longest prefix with ``prompt`` (ties: the least
+    recently used); the least recently used one when no cache shares enough."""
+    best = max(free, key=lambda s: (common_prefix_len(s.cached, prompt), -s.last_used))
+    shared = common_prefix_len(best.cached, prompt)
+    if shared and shared >= MIN_REUSE_FRACTION * len(prompt):
+        return best
+    return min(free, key=lambda s: s.last_used)
 
 
 class Scheduler:
@@ -136,10 +163,16 @@ class Scheduler:
                 with self._cond:
                     if self._stopping:
                         break
-                    self._admit()
-                    if not any(s.job for s in self.slots):
+                    admitted, dropped = self._take_pending()
+                    if not admitted and not dropped and not any(s.job for s in self.slots):
                         self._cond.wait(timeout=0.5)
                         continue
+                # Outside the lock: building a sampler (a grammar, the prompt history) must not
+                # hold up ``submit`` on the event loop.
+                for stream in dropped:
+                    stream.push(Finish("cancelled", len(stream.request.prompt_tokens), 0))
+                for slot, stream in admitted:
+                    self._start(slot, stream)
                 self._step()
         except Exception:  # pragma: no cover - a bug; fail everything rather than hang clients
             log.exception("engine loop crashed")
@@ -157,29 +190,23 @@ class Scheduler:
                 if slot.job:
                     self._finish(slot, "cancelled")
 
-    def _admit(self) -> None:
-        """Move waiting requests into free slots (caller holds the lock)."""
-        while self._pending:
-            stream = self._pending[0]
-            if stream.cancelled:
-                self._pending.popleft()
-                stream.push(Finish("cancelled", len(stream.request.prompt_tokens), 0))
-                continue
-            free = [s for s in self.slots if s.job is None]
-            if not free:
-                return
-            self._pending.popleft()
-            prompt = list(stream.request.prompt_tokens)
-            # The free slot whose cache shares the longest prefix; ties go to the least
-            # recently used, so idle caches survive longest.
-            slot = max(free, key=lambda s: (common_prefix_len(s.cached, prompt), -s.last_used))
-            try:
-                self._start(slot, stream, prompt)
-            except Exception as exc:
-                log.exception("could not start a generation")
-                stream.push(Finish("error", len(prompt), 0, error=str(exc)))
+    def _take_pending(self) -> tuple[list[tuple[Slot, GenerationStream]], list[GenerationStream]]:
+        """Pair waiting requests (FIFO) with free slots, and take out cancelled ones, wherever
+        they wait (caller holds the lock)."""
+        dropped = [s for s in self._pending if s.cancelled]
+        for stream in dropped:
+            self._pending.remove(stream)
+        free = [s for s in self.slots if s.job is None]
+        admitted: list[tuple[Slot, GenerationStream]] = []
+        while self._pending and free:
+            stream = self._pending.popleft()
+            slot = choose_slot(free, list(stream.request.prompt_tokens))
+            free.remove(slot)
+            admitted.append((slot, stream))
+        return admitted, dropped
 
-    def _start(self, slot: Slot, stream: GenerationStream, prompt: list[int]) -> None:
+    def _start(self, slot: Slot, stream: GenerationStream) -> None:
+        prompt = list(stream.request.prompt_tokens)
         keep = common_prefix_len(slot.cached, prompt)
         if keep == len(prompt):
             keep -= 1  # the last prompt token must be decoded again to get its logits
@@ -190,8 +217,13 @@ class Scheduler:
             llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
             keep = 0
         del slot.cached[keep:]
-        sampler = Sampler(stream.request.sampling, self.model)
-        sampler.accept_history(prompt[-max(stream.request.sampling.repeat_last_n, 0) :])
+        try:
+            sampler = Sampler(stream.request.sampling, self.model)
+        except Exception as exc:
+            log.exception("could not start a generation")
+            stream.push(Finish("error", len(prompt), 0, error=str(exc)))
+            return
+        sampler.accept_history(prompt)
         slot.job = _Job(
             stream=stream,
             prompt=prompt,
@@ -224,13 +256,20 @@ class Scheduler:
                 self._put(n, job.next_token, len(slot.cached), slot.seq_id, True)
                 fed.append((slot, n, [job.next_token]))
                 n += 1
+        # Prompts are read in chunks between other slots' tokens. While any slot is generating,
+        # a step reads at most PROMPT_CHUNK_WHILE_GENERATING prompt tokens, so one long prompt
+        # delays each running stream's next token by a short decode, not a full n_batch one.
+        budget = self.model.n_batch - n
+        if n:
+            budget = min(budget, PROMPT_CHUNK_WHILE_GENERATING)
         reading: list[_Job] = []
-        for slot in active:
+        for slot in sorted(active, key=lambda s: s.job.t_start if s.job else 0.0):
             job = slot.job
             assert job is not None
-            if job.next_token is not None or n >= self.model.n_batch:
+            if job.next_token is not None or budget <= 0:
                 continue
-            chunk = job.prompt[job.n_fed : job.n_fed + (self.model.n_batch - n)]
+            chunk = job.prompt[job.n_fed : job.n_fed + budget]
+            budget -= len(chunk)
             pos = len(slot.cached)
             last = job.n_fed + len(chunk) == len(job.prompt)
             for i, token in enumerate(chunk):
@@ -269,7 +308,12 @@ class Scheduler:
                 continue
             if job.next_token is None:
                 job.t_prompt_done = now
-            self._sample(slot, index)
+            try:
+                self._sample(slot, index)
+            except Exception as exc:  # one request's sampler failing must not stop the others
+                log.exception("sampling failed")
+                if slot.job:
+                    self._finish(slot, "error", error=str(exc))
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
@@ -359,8 +403,8 @@ class Scheduler:
         for slot, _index, _tokens in fed:
             llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, len(slot.cached), -1)
         if rc == 2:
-            # Aborted because every slot reading a prompt was cancelled. The others lost only
-            # this step (their cache is back to ``cached``) and feed the same tokens again.
+            # Aborted because every slot reading a prompt was cancelled. The generating slots in
+            # the same batch were not: their tokens are fed again next step.
             for slot, _index, _tokens in fed:
                 if slot.job and slot.job.stream.cancelled:
                     self._finish(slot, "cancelled")

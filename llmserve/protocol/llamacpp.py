@@ -113,11 +113,12 @@ def logit_bias_pairs(value: LogitBias | None) -> tuple[tuple[int, float], ...]:
             entries.append((item[0], item[1]))
     pairs: list[tuple[int, float]] = []
     for key, bias in entries:
-        token = _token_id(key)
+        token = _token_id(key, keys_are_text=isinstance(value, dict))
         if bias is False:
             pairs.append((token, -math.inf))
-        elif isinstance(bias, bool) or not isinstance(bias, int | float):
-            raise ValueError(f"the bias for token {token} must be a number or false")
+        elif (isinstance(bias, bool) or not isinstance(bias, int | float)
+              or not math.isfinite(bias)):
+            raise ValueError(f"the bias for token {token} must be a finite number or false")
         else:
             pairs.append((token, float(bias)))
     return tuple(pairs)
@@ -132,10 +133,12 @@ def logit_bias_field(v: Any) -> tuple[tuple[int, float], ...]:
     return logit_bias_pairs(v)
 
 
-def _token_id(key: Any) -> int:
+def _token_id(key: Any, *, keys_are_text: bool) -> int:
+    """JSON object keys are always text, so there a digit string is an id; in the list form
+    llama.cpp reads a string as text to tokenise, which we do not support."""
     if isinstance(key, int) and not isinstance(key, bool):
         token = key
-    elif isinstance(key, str) and key.strip().lstrip("-").isdigit():
+    elif keys_are_text and isinstance(key, str) and key.strip().lstrip("-").isdigit():
         token = int(key)
     else:
         raise ValueError(

@@ -5,6 +5,7 @@ Requests ignore unknown keys: SillyTavern and others forward whole settings obje
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
@@ -78,28 +79,89 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = None
+    strict: bool | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``; json_object may carry a ``schema`` (llama-server's
+    extension)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    def schema_or_none(self) -> dict[str, Any] | None:
+        if self.type == "json_object":
+            return self.schema_ or {}
+        if self.type == "json_schema":
+            return self.json_schema.schema_ if self.json_schema else {}
+        return None
+
+
+def _finite(
+    *names: str, ge: float | None = None, gt: float | None = None, le: float | None = None
+) -> Any:
+    """An optional finite number field; ``names`` are accepted aliases besides the field's own
+    name (the first one)."""
+    alias = AliasChoices(*names) if len(names) > 1 else None
+    return Field(default=None, allow_inf_nan=False, validation_alias=alias, ge=ge, gt=gt, le=le)
+
+
+INT32_MAX = 2**31 - 1  # llama.cpp's int32_t parameters
+
+
 class _Sampling(_Request):
-    """Sampling fields shared by chat and text completions (OpenAI names plus llama.cpp's)."""
+    """Sampling fields shared by chat and text completions: OpenAI's names plus llama.cpp's
+    (and the aliases SillyTavern's backends send). Names match SamplingParams."""
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    typical_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repeat_penalty: float | None = Field(
-        default=None, gt=0.0, validation_alias="repetition_penalty"
+    temperature: float | None = _finite("temperature", ge=0.0)
+    dynatemp_range: float | None = _finite("dynatemp_range", ge=0.0)
+    dynatemp_exponent: float | None = _finite("dynatemp_exponent", ge=0.0)
+    top_p: float | None = _finite("top_p", ge=0.0, le=1.0)
+    # -1 and 0 both mean off (vLLM clients send -1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = _finite("min_p", ge=0.0, le=1.0)
+    typical_p: float | None = _finite("typical_p", "typical", ge=0.0, le=1.0)
+    top_n_sigma: float | None = _finite("top_n_sigma")
+    xtc_probability: float | None = _finite("xtc_probability", ge=0.0, le=1.0)
+    xtc_threshold: float | None = _finite("xtc_threshold", ge=0.0, le=1.0)
+    presence_penalty: float | None = _finite("presence_penalty", ge=-2.0, le=2.0)
+    frequency_penalty: float | None = _finite("frequency_penalty", ge=-2.0, le=2.0)
+    repeat_penalty: float | None = _finite(
+        "repeat_penalty", "repetition_penalty", "rep_pen", gt=0.0
     )
+    # -1 = the whole context
     repeat_last_n: int | None = Field(default=None, ge=-1)
+    dry_multiplier: float | None = _finite("dry_multiplier", ge=0.0)
+    dry_base: float | None = _finite("dry_base", ge=1.0)
+    dry_allowed_length: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    dry_penalty_last_n: int | None = Field(default=None, ge=-1)
+    # a JSON array of strings, or that array as a JSON string (text-generation-webui's form)
+    dry_sequence_breakers: list[str] | str | None = None
+    mirostat: int | None = Field(default=None, ge=0, le=2)
+    mirostat_tau: float | None = _finite("mirostat_tau", ge=0.0)
+    mirostat_eta: float | None = _finite("mirostat_eta", ge=0.0)
+    min_keep: int | None = Field(default=None, ge=0, le=INT32_MAX)
     seed: int | None = None
+    ignore_eos: bool | None = None
+    # sampler order: llama.cpp names, or its one-letter string form ("edskypmxt")
+    samplers: list[str] | str | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    # OpenAI's {"token id": bias} or llama.cpp's [[token id, bias | false], ...]
+    logit_bias: dict[str, float | bool] | list[Any] | None = None
     user: str | None = None
     # How long the model stays loaded once idle: LM Studio's ttl (seconds), Ollama's keep_alive
     # ("5m", seconds; negative = forever, 0 = unload after this request).
@@ -118,6 +180,19 @@ class _Sampling(_Request):
     def explicit_fields(self) -> set[str]:
         """The fields this request set to a value (not null)."""
         return {name for name in self.model_fields_set if getattr(self, name) is not None}
+
+    @field_validator("dry_sequence_breakers")
+    @classmethod
+    def _breakers_list(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, str):
+            try:
+                parsed = json.loads(v)
+            except json.JSONDecodeError:
+                parsed = None
+            if not isinstance(parsed, list) or not all(isinstance(b, str) for b in parsed):
+                raise ValueError("expected a JSON array of strings")
+            return parsed
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -50,11 +50,17 @@ class Limits:
     max_tokens_limit: int | None = None
 
 
-async def prepare_prompt(
-    engine: EngineProtocol, build: Callable[[EngineProtocol], list[int]]
-) -> list[int]:
-    """Template + tokenise off the event loop."""
-    return await anyio.to_thread.run_sync(build, engine)
+async def prepare(
+    engine: EngineProtocol, build: Callable[[EngineProtocol], list[int]],
+    sampling: SamplingParams,
+) -> tuple[list[int], SamplingParams]:
+    """Template + tokenise, and check the sampling parameters against the model (grammar,
+    token ids), off the event loop."""
+
+    def work() -> tuple[list[int], SamplingParams]:
+        return build(engine), engine.prepare_sampling(sampling)
+
+    return await anyio.to_thread.run_sync(work)
 
 
 def resolve_max_tokens(
@@ -80,9 +86,13 @@ def resolve_max_tokens(
     return budget
 
 
-def logit_bias_pairs(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    """OpenAI's ``{"token id": bias}`` → pairs (the parsing is llama.cpp's, which also reads
-    this form)."""
+LogitBias = dict[str, float | bool] | list[Any]
+
+
+def logit_bias_pairs(bias: LogitBias | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` or llama.cpp's ``[[token id, bias|false], ...]`` →
+    pairs; ``false`` bans the token. One parser serves every route family. Token ids are
+    checked against the vocabulary later, by the engine."""
     try:
         return llamacpp_logit_bias(bias)
     except ValueError as exc:
@@ -113,6 +123,10 @@ def check_model(host: ModelHost, requested: str | None) -> str | None:
     if loaded is not None and requested in (loaded.info.id, loaded.info.path):
         return loaded.info.id
     return host.lookup(requested).id
+
+
+
+
 
 
 @dataclass
@@ -285,17 +299,27 @@ async def start(
     owner: Owner | None = None,
     n_probs: int = 0,
     cap_to_context: bool = False,
+    param_names: Mapping[str, str] | None = None,
 ) -> Generation:
     """Admit (loading ``model`` first if needed), prepare and submit. Admission comes first
     (503 before any templating); on any later error the admission place is given back before
     raising. ``explicit_sampling``: the sampling fields the request set, which the model's
     configured defaults do not override. With ``running`` the generation is registered (under
-    ``owner``) until it is closed."""
+    ``owner``) until it is closed. ``param_names`` renames the ``param`` of a sampling error to
+    the route's own field (e.g. json_schema → response_format)."""
     lease = await host.acquire(model, keep_alive)
     engine = lease.engine
     try:
         sampling = with_model_defaults(sampling, lease.sampling_defaults, explicit_sampling)
-        prompt = await prepare_prompt(engine, build_prompt)
+        try:
+            prompt, sampling = await prepare(engine, build_prompt, sampling)
+        except InvalidRequest as exc:
+            if param_names and exc.param is not None and exc.param in param_names:
+                wire = param_names[exc.param]
+                exc.message = exc.message.replace(f"'{exc.param}'", f"'{wire}'")
+                exc.param = wire
+                exc.args = (exc.message,)
+            raise
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         max_tokens = resolve_max_tokens(

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmserve.engine.types import EngineProtocol, Finish, SamplingParams, TokenEvent
+from llmserve.errors import InvalidRequest
 from llmserve.protocol import openai as oa
 from llmserve.registry import KEEP
 from llmserve.server import sse
@@ -27,16 +28,39 @@ from llmserve.server.generation import (
 from llmserve.server.requests import parse
 from llmserve.server.state import AppState
 
+# SamplingParams fields that need more than copying the request's value across.
+_CONVERTED = {"logit_bias", "samplers", "dry_sequence_breakers", "grammar", "json_schema"}
+
 
 def sampling_from(req: oa._Sampling) -> SamplingParams:
-    fields = {
+    fields: dict[str, Any] = {
         f.name: getattr(req, f.name)
         for f in dataclasses.fields(SamplingParams)
-        if f.name not in ("logit_bias", "ignore_eos") and getattr(req, f.name, None) is not None
+        if f.name not in _CONVERTED and getattr(req, f.name, None) is not None
     }
+    if req.samplers:  # a list of names, or llama.cpp's string of one-letter names
+        fields["samplers"] = tuple(req.samplers)
+    if req.dry_sequence_breakers is not None:
+        fields["dry_sequence_breakers"] = tuple(req.dry_sequence_breakers)
+    schema = req.json_schema
+    if req.response_format is not None and req.response_format.type != "text":
+        schema = req.response_format.schema_or_none()  # llama-server: response_format wins
+    if req.grammar and schema is not None:
+        raise InvalidRequest(
+            "invalid 'grammar': give either a grammar or a JSON schema (json_schema or "
+            "response_format), not both", param="grammar",
+        )
     return dataclasses.replace(
-        SamplingParams(), **fields, logit_bias=logit_bias_pairs(req.logit_bias)
+        SamplingParams(), **fields, logit_bias=logit_bias_pairs(req.logit_bias),
+        grammar=req.grammar or None, json_schema=schema,
     )
+
+
+def sampling_param_names(req: oa._Sampling) -> dict[str, str]:
+    """Engine-side sampling errors named as this request sent them."""
+    if req.response_format is not None and req.response_format.type != "text":
+        return {"json_schema": "response_format"}
+    return {}
 
 
 def usage(finish: Finish) -> oa.Usage:
@@ -78,6 +102,7 @@ async def chat_completions(request: Request) -> Response:
         explicit_sampling=req.explicit_fields(),
         running=state.running,
         owner=Owner.of(request),
+        param_names=sampling_param_names(req),
     )
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("chatcmpl"), oa.now()
@@ -107,13 +132,16 @@ async def chat_completions(request: Request) -> Response:
 async def _chat_chunks(
     gen: Generation, cid: str, created: int, model: str, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
-    def chunk(delta: dict[str, str], reason: str | None = None) -> bytes:
+    def chunk(delta: dict[str, str], reason: str | None = None,
+              timings: dict[str, int | float] | None = None) -> bytes:
         body: dict[str, Any] = {
             "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
         }
         if include_usage:
             body["usage"] = None
+        if timings is not None:  # on the last chunk, as llama-server does
+            body["timings"] = timings
         return sse.event(body)
 
     try:
@@ -124,7 +152,7 @@ async def _chat_chunks(
                     yield chunk({"content": ev.text})
                 continue
             finish = check_finish(ev)
-            yield chunk({}, finish_reason(finish))
+            yield chunk({}, finish_reason(finish), finish.timings.to_dict())
             if include_usage:
                 yield sse.event({
                     "id": cid, "object": "chat.completion.chunk", "created": created,
@@ -158,6 +186,7 @@ async def completions(request: Request) -> Response:
         explicit_sampling=req.explicit_fields(),
         running=state.running,
         owner=Owner.of(request),
+        param_names=sampling_param_names(req),
     )
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("cmpl"), oa.now()
@@ -186,13 +215,16 @@ async def completions(request: Request) -> Response:
 async def _completion_chunks(
     gen: Generation, cid: str, created: int, model: str, include_usage: bool, prefix: str
 ) -> AsyncGenerator[bytes, None]:
-    def chunk(text: str, reason: str | None = None) -> bytes:
+    def chunk(text: str, reason: str | None = None,
+              timings: dict[str, int | float] | None = None) -> bytes:
         body: dict[str, Any] = {
             "id": cid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
         }
         if include_usage:
             body["usage"] = None
+        if timings is not None:  # on the last chunk, as llama-server does
+            body["timings"] = timings
         return sse.event(body)
 
     try:
@@ -204,7 +236,7 @@ async def _completion_chunks(
                     yield chunk(ev.text)
                 continue
             finish = check_finish(ev)
-            yield chunk("", finish_reason(finish))
+            yield chunk("", finish_reason(finish), finish.timings.to_dict())
             if include_usage:
                 yield sse.event({
                     "id": cid, "object": "text_completion", "created": created,
