@@ -19,7 +19,8 @@ and a non-zero exit. Nothing else maps exceptions to statuses.
     │   ├── ModelLoading               503 model_loading
     │   ├── NoModelLoaded              503 no_model
     │   └── ShuttingDown               503 shutting_down
-    └── EngineError                    500 engine_error              (message is sanitised)
+    ├── EngineError                    500 engine_error              (message is sanitised)
+    └── BenchError                     (CLI only) `llmserve bench` could not run its workload
 """
 
 from __future__ import annotations
@@ -141,3 +142,10 @@ class EngineError(LlmserveError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class BenchError(LlmserveError):
+    """``llmserve bench`` could not run: a bad URL or prompt file, a server that would not start.
+    Never sent over HTTP; the CLI prints it as one line."""
+
+    code = "bench_failed"
