@@ -140,6 +140,8 @@ class RequestResult:
     # None = success; else the key it is counted under in "errors by status"
     error: str | None = None
     tokens: int = 0
+    # from the usage chunk, where the server sends one
+    prompt_tokens: int | None = None
     counted_from: Literal["usage", "chunks"] = "chunks"
     first_token: float | None = None
     last_token: float | None = None
@@ -240,11 +242,12 @@ class Report:
 
 
 async def stream_request(
-    client: httpx.AsyncClient, url: str, body: Mapping[str, Any], *, index: int = 0
+    client: httpx.AsyncClient, url: str, body: Mapping[str, Any], *, index: int = 0,
+    first_token: asyncio.Event | None = None,
 ) -> RequestResult:
     """POST one streaming completion and time it. Never raises for server or network failures:
     they come back as ``error`` (the HTTP status, "stream_error", "truncated", "timeout",
-    "connection")."""
+    "connection"). ``first_token`` is set when the first content arrives."""
     result = RequestResult(index=index, requested=int(body["max_tokens"]),
                            started=time.perf_counter())
     chunks = 0
@@ -279,12 +282,16 @@ async def stream_request(
                 usage = event.get("usage")
                 if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                     usage_tokens = usage["completion_tokens"]
+                    if isinstance(usage.get("prompt_tokens"), int):
+                        result.prompt_tokens = usage["prompt_tokens"]
                 text = _chunk_text(event)
                 if text:
                     chunks += 1
                     parts.append(text)
                     if result.first_token is None:
                         result.first_token = now
+                        if first_token is not None:
+                            first_token.set()
                     result.last_token = now
             if not done:
                 result.error = "truncated"
@@ -473,8 +480,17 @@ class ServerProcess:
 def llmserve_server(model: Path, **options: Any) -> Iterator[ServerProcess]:
     """``python -m llmserve run MODEL`` on a free port for the duration of the block."""
     port = free_port()
-    with ServerProcess(llmserve_command(model, port, **options), port) as server:
+    with ServerProcess(llmserve_command(model, port, **options), port,
+                       env=same_llmserve_env()) as server:
         yield server
+
+
+def same_llmserve_env() -> dict[str, str]:
+    """PYTHONPATH for a child ``python -m llmserve`` that imports this very llmserve (a
+    checkout, not whatever an editable install points at)."""
+    here = str(Path(__file__).resolve().parent.parent)
+    rest = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": here + (os.pathsep + rest if rest else "")}
 
 
 # -- output ----------------------------------------------------------------------------------
