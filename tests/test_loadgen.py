@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -270,3 +271,22 @@ def test_percentile(values: list[float], q: float, expected: float | None) -> No
 )
 def test_api_root(url: str, root: str) -> None:
     assert api_root(url) == root
+
+
+# -- tier 3: the server it starts itself --------------------------------------------------------
+
+
+@pytest.mark.real
+@pytest.mark.timeout(300)
+def test_cli_serves_a_model_itself_and_stops_it(demo_model: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["bench", str(demo_model), "-n", "2", "--max-tokens",
+                                          "4", "--threads", "2", "--ctx-size", "1024", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"] == demo_model.stem
+    assert (data["ok"], data["errors"], data["requested_tokens"]) == (2, {}, 8)
+    assert data["tokens_counted_from"] == "usage"
+    assert 2 <= data["completed_tokens"] <= 8
+    port = int(data["url"].rsplit(":", 1)[1])
+    with pytest.raises(httpx.ConnectError):  # stopped afterwards
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
