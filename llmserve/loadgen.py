@@ -2,9 +2,10 @@
 
 An HTTP client only: it drives any OpenAI-compatible server (llmserve, llama-cpp-python's server,
 llama.cpp's llama-server) with the same workload — N concurrent streaming clients over a fixed,
-deterministic prompt set, a fixed ``max_tokens``, temperature 0 and a fixed seed — and reports
-time to first token, per-stream and aggregate tokens/s, completed vs requested tokens and errors
-by status. It never imports llama_cpp or the server: a peer is measured exactly as llmserve is.
+deterministic prompt set, a fixed ``max_tokens``, greedy sampling (temperature 0, no repeat
+penalty) and a fixed seed — and reports time to first token, per-stream and aggregate tokens/s,
+completed vs requested tokens and errors by status. It never imports llama_cpp or the server:
+a peer is measured exactly as llmserve is.
 
 Tokens are counted from the ``stream_options.include_usage`` chunk where the server sends one,
 else one per non-empty content chunk. ``ignore_eos`` goes out as an extra body key (llmserve and
@@ -113,6 +114,9 @@ class Workload:
         body: dict[str, Any] = {
             "max_tokens": self.max_tokens if max_tokens is None else max_tokens,
             "temperature": 0.0,
+            # the same greedy sampling everywhere: llama-cpp-python's server would otherwise
+            # apply its default repeat penalty of 1.1 (and end these prompts early)
+            "repeat_penalty": 1.0,
             "seed": self.seed,
             "stream": True,
             "stream_options": {"include_usage": True},
