@@ -76,6 +76,9 @@ def test_sillytavern_llama_cpp_payload_is_accepted_in_full(
         pytest.param({"samplers": "kt"}, "samplers", ("k", "t"), id="samplers-letters"),
         pytest.param({"dry_sequence_breakers": '["\\n", "User:"]'}, "dry_sequence_breakers",
                      ("\n", "User:"), id="dry_sequence_breakers-json-string"),
+        # any other string is one breaker, as llama-server reads it
+        pytest.param({"dry_sequence_breakers": "User:"}, "dry_sequence_breakers",
+                     ("User:",), id="dry_sequence_breakers-one-string"),
         pytest.param({"ignore_eos": True}, "ignore_eos", True, id="ignore_eos"),
         pytest.param({"seed": -1}, "seed", -1, id="seed-random"),
         pytest.param({"top_k": -1}, "top_k", -1, id="top_k-minus-1-off"),
@@ -143,8 +146,6 @@ BAD = [
     pytest.param({"dry_penalty_last_n": -2}, "dry_penalty_last_n", id="dry_penalty_last_n-neg"),
     pytest.param({"dry_sequence_breakers": [1, 2]}, "dry_sequence_breakers[0]",
                  id="dry_sequence_breakers-numbers"),
-    pytest.param({"dry_sequence_breakers": "\\n"}, "dry_sequence_breakers",
-                 id="dry_sequence_breakers-not-json"),
     pytest.param({"mirostat": 3}, "mirostat", id="mirostat-3"),
     pytest.param({"mirostat_tau": -1}, "mirostat_tau", id="mirostat_tau-negative"),
     pytest.param({"mirostat_eta": -1}, "mirostat_eta", id="mirostat_eta-negative"),

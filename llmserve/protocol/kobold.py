@@ -3,11 +3,10 @@ No I/O here. Unknown keys are ignored; KoboldCpp's own defaults apply to what is
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmserve.protocol.llamacpp import logit_bias_field, stop_strings
+from llmserve.protocol.openai import sequence_breakers
 
 # KoboldAI's sampler ids (sampler_order) → llama.cpp sampler names. 1 (top-a) and 3 (tail-free)
 # have no llama.cpp sampler and are skipped.
@@ -84,10 +83,7 @@ class GenerateRequest(_Request):
     def _grammar(cls, v: str | None) -> str | None:
         return v or None
 
-    @field_validator("dry_sequence_breakers", mode="before")
-    @classmethod
-    def _breakers(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+    _breakers = field_validator("dry_sequence_breakers", mode="before")(sequence_breakers)
 
     @property
     def requested_max_tokens(self) -> int | None:

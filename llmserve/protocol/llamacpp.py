@@ -10,13 +10,12 @@ its aliases at 0 or -1 mean "until the context or the server ceiling", ``stop`` 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llmserve.protocol.openai import ChatMessage
+from llmserve.protocol.openai import ChatMessage, sequence_breakers
 
 
 class _Request(BaseModel):
@@ -231,17 +230,7 @@ class CompletionRequest(_Request):
     def _grammar(cls, v: str | None) -> str | None:
         return v or None
 
-    @field_validator("dry_sequence_breakers", mode="before")
-    @classmethod
-    def _breakers(cls, v: Any) -> Any:
-        # SillyTavern keeps this setting as JSON text; some builds send it unparsed.
-        if isinstance(v, str):
-            try:
-                parsed = json.loads(v)
-            except json.JSONDecodeError:
-                return [v]
-            return parsed if isinstance(parsed, list) else [v]
-        return v
+    _breakers = field_validator("dry_sequence_breakers", mode="before")(sequence_breakers)
 
     @field_validator("samplers", mode="before")
     @classmethod

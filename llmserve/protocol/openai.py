@@ -24,6 +24,19 @@ from llmserve.config import Duration
 T = TypeVar("T")
 
 
+def sequence_breakers(v: Any) -> Any:
+    """DRY sequence breakers as a list. SillyTavern keeps the setting as JSON text and some
+    builds send it unparsed: a JSON array in a string is read as the list, any other string is
+    one breaker (llama-server's reading)."""
+    if isinstance(v, str):
+        try:
+            parsed = json.loads(v)
+        except json.JSONDecodeError:
+            return [v]
+        return parsed if isinstance(parsed, list) else [v]
+    return v
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -144,7 +157,7 @@ class _Sampling(_Request):
     dry_allowed_length: int | None = Field(default=None, ge=0, le=INT32_MAX)
     dry_penalty_last_n: int | None = Field(default=None, ge=-1)
     # a JSON array of strings, or that array as a JSON string (text-generation-webui's form)
-    dry_sequence_breakers: list[str] | str | None = None
+    dry_sequence_breakers: list[str] | None = None
     mirostat: int | None = Field(default=None, ge=0, le=2)
     mirostat_tau: float | None = _finite("mirostat_tau", ge=0.0)
     mirostat_eta: float | None = _finite("mirostat_eta", ge=0.0)
@@ -181,18 +194,7 @@ class _Sampling(_Request):
         """The fields this request set to a value (not null)."""
         return {name for name in self.model_fields_set if getattr(self, name) is not None}
 
-    @field_validator("dry_sequence_breakers")
-    @classmethod
-    def _breakers_list(cls, v: list[str] | str | None) -> list[str] | str | None:
-        if isinstance(v, str):
-            try:
-                parsed = json.loads(v)
-            except json.JSONDecodeError:
-                parsed = None
-            if not isinstance(parsed, list) or not all(isinstance(b, str) for b in parsed):
-                raise ValueError("expected a JSON array of strings")
-            return parsed
-        return v
+    _breakers = field_validator("dry_sequence_breakers", mode="before")(sequence_breakers)
 
     @field_validator("stop")
     @classmethod
