@@ -37,7 +37,9 @@ def test_ties_go_to_the_least_recently_used() -> None:
     assert choose_slot([recent, old], [5, 6]) is old
 
 
-@pytest.mark.parametrize(("parallel", "n_ctx"), [(1, 256), (4, 4 * MIN_CTX_PER_SLOT), (8, 4096)])
+@pytest.mark.parametrize(
+    ("parallel", "n_ctx"), [(1, 64), (1, 256), (4, 4 * MIN_CTX_PER_SLOT), (8, 4096)]
+)
 def test_parallel_within_the_context_is_allowed(parallel: int, n_ctx: int) -> None:
     check_parallel(parallel, n_ctx)
 
