@@ -2,17 +2,16 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from llmserve import loadgen
 from llmserve.config import ModelSpec, demo_model_path
 from llmserve.registry import ModelHost
 from llmserve.server.app import create_app
@@ -72,38 +71,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerProcess:
+class ServerProcess(loadgen.ServerProcess):
+    """`python -m llmserve run ARGS` on a free port, ready (GET /health 200) when constructed.
+    Its output goes to a file; ``stop`` (idempotent) returns it."""
+
     def __init__(self, args: list[str]) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
+        fd, log = tempfile.mkstemp(prefix="llmserve-test-", suffix=".log")
+        os.close(fd)
+        super().__init__(
             [sys.executable, "-m", "llmserve", "run", *args, "--port", str(self.port),
              "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+            self.port, log=Path(log), ready_timeout=60,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("server did not become healthy in 60 s")
 
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.stdout.read() if self.proc.stdout else ""  # type: ignore[no-any-return]
+    def stop(self) -> str:  # type: ignore[override]
+        super().stop()
+        if self.log is None or not self.log.exists():
+            return ""
+        output = self.log.read_text(errors="replace")
+        self.log.unlink()
+        return output
 
 
 @pytest.fixture(scope="session")
