@@ -85,16 +85,18 @@ def chat_prompt_builder(req: oa.ChatCompletionRequest) -> Callable[[EngineProtoc
     return build
 
 
-async def chat_completions(request: Request) -> Response:
+async def _start(
+    request: Request,
+    req: oa.ChatCompletionRequest | oa.CompletionRequest,
+    build: Callable[[EngineProtocol], list[int]],
+) -> Generation:
+    """Admit and submit an OpenAI request (both endpoints share every generation option)."""
     state = AppState.of(request)
-    req = await parse(request, oa.ChatCompletionRequest)
-    build = chat_prompt_builder(req)
-    sampling = sampling_from(req)
-    gen = await start(
+    return await start(
         state.host,
         build,
         requested_max_tokens=req.requested_max_tokens,
-        sampling=sampling,
+        sampling=sampling_from(req),
         stop=req.stop_list(),
         limits=state.limits,
         model=req.model,
@@ -104,6 +106,12 @@ async def chat_completions(request: Request) -> Response:
         owner=Owner.of(request),
         param_names=sampling_param_names(req),
     )
+
+
+async def chat_completions(request: Request) -> Response:
+    req = await parse(request, oa.ChatCompletionRequest)
+    build = chat_prompt_builder(req)
+    gen = await _start(request, req, build)
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("chatcmpl"), oa.now()
     if req.stream:
@@ -166,28 +174,13 @@ async def _chat_chunks(
 
 
 async def completions(request: Request) -> Response:
-    state = AppState.of(request)
     req = await parse(request, oa.CompletionRequest)
     text = req.prompt_text
 
     def build(engine: EngineProtocol) -> list[int]:
         return engine.tokenize(text, add_special=True)
 
-    sampling = sampling_from(req)
-    gen = await start(
-        state.host,
-        build,
-        requested_max_tokens=req.requested_max_tokens,
-        sampling=sampling,
-        stop=req.stop_list(),
-        limits=state.limits,
-        model=req.model,
-        keep_alive=req.keep_alive_seconds(KEEP),
-        explicit_sampling=req.explicit_fields(),
-        running=state.running,
-        owner=Owner.of(request),
-        param_names=sampling_param_names(req),
-    )
+    gen = await _start(request, req, build)
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("cmpl"), oa.now()
     prefix = text if req.echo else ""
