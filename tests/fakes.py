@@ -7,11 +7,14 @@ code under test sees events arrive from another thread exactly as with llama.cpp
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from starlette.types import ASGIApp
 
 from llmserve.engine.sampling import VocabFacts, compile_params
 from llmserve.engine.types import (
@@ -136,3 +139,37 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+async def drive_asgi(app: ASGIApp, body: dict[str, Any], *, disconnect_after: int | None,
+                     disconnect_event: asyncio.Event | None = None,
+                     path: str = "/v1/chat/completions") -> list[bytes]:
+    """POST ``body`` to the raw ASGI app and disconnect after N body chunks (or when the event
+    is set). TestClient and httpx's ASGITransport buffer the whole body, so disconnects are
+    tested here."""
+    chunks: list[bytes] = []
+    got_enough = disconnect_event or asyncio.Event()
+    sent_body = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await got_enough.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            chunks.append(message["body"])
+            if disconnect_after is not None and len(chunks) >= disconnect_after:
+                got_enough.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": path, "raw_path": b"",
+        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+    return chunks

@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from llmserve.server.generation import Limits
-from tests.fakes import FakeEngine, Script
+from tests.fakes import FakeEngine, Script, drive_asgi
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -275,41 +275,10 @@ async def test_queue_full_is_503_at_once(make_app: Callable[..., Starlette]) -> 
     assert len(engine.chats) == 2
 
 
-async def _drive(app: Starlette, body: dict[str, Any], *, disconnect_after: int | None,
-                 disconnect_event: asyncio.Event | None = None) -> list[bytes]:
-    """Call the raw ASGI app; disconnect after N body chunks (or when the event is set)."""
-    chunks: list[bytes] = []
-    got_enough = disconnect_event or asyncio.Event()
-    sent_body = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-        await got_enough.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
-            chunks.append(message["body"])
-            if disconnect_after is not None and len(chunks) >= disconnect_after:
-                got_enough.set()
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
-        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
-    }
-    await asyncio.wait_for(app(scope, receive, send), timeout=10)
-    return chunks
-
-
 async def test_stream_disconnect_cancels_generation(make_app: Callable[..., Starlette]) -> None:
     engine = FakeEngine(script=Script(tokens=["x"] * 200, delay=0.01))
     app = make_app(engine)
-    chunks = await _drive(app, {**CHAT, "stream": True}, disconnect_after=3)
+    chunks = await drive_asgi(app, {**CHAT, "stream": True}, disconnect_after=3)
     assert len(chunks) < 10
     for _ in range(100):
         if engine.cancelled:
@@ -325,7 +294,7 @@ async def test_non_stream_disconnect_cancels_generation(
     engine = FakeEngine(script=Script(tokens=["x"] * 200, delay=0.01))
     app = make_app(engine)
     leave = asyncio.Event()
-    task = asyncio.create_task(_drive(app, CHAT, disconnect_after=None, disconnect_event=leave))
+    task = asyncio.create_task(drive_asgi(app, CHAT, disconnect_after=None, disconnect_event=leave))
     await asyncio.sleep(0.1)
     leave.set()
     await task
@@ -346,7 +315,7 @@ async def test_queued_client_that_leaves_never_runs(make_app: Callable[..., Star
         await asyncio.sleep(0.05)
         leave = asyncio.Event()
         queued = asyncio.create_task(
-            _drive(app, {**CHAT, "stream": True}, disconnect_after=None, disconnect_event=leave)
+            drive_asgi(app, {**CHAT, "stream": True}, disconnect_after=None, disconnect_event=leave)
         )
         await asyncio.sleep(0.05)
         leave.set()

@@ -18,7 +18,7 @@ from llmserve.protocol.kobold import kobold_sampler_order
 from llmserve.protocol.llamacpp import sampler_order
 from llmserve.server.generation import Limits
 from tests import sillytavern as st
-from tests.fakes import FakeEngine, Script
+from tests.fakes import FakeEngine, Script, drive_asgi
 from tests.test_openai_routes import sse_payloads
 
 PROMPT = "Once upon a time"
@@ -425,12 +425,10 @@ def test_abort_with_bad_body_is_400(client: TestClient) -> None:
 
 
 async def test_completion_stream_disconnect_cancels(make_app: Callable[..., Starlette]) -> None:
-    from tests.test_openai_routes import _drive
-
     engine = FakeEngine(script=Script(tokens=["x"] * 200, delay=0.01))
     app = make_app(engine)
-    chunks = await _drive_path(app, "/completion", {"prompt": PROMPT, "stream": True},
-                               disconnect_after=3, drive=_drive)
+    chunks = await drive_asgi(app, {"prompt": PROMPT, "stream": True},
+                              disconnect_after=3, path="/completion")
     assert len(chunks) < 10
     for _ in range(100):
         if engine.cancelled:
@@ -451,13 +449,11 @@ async def test_completion_stream_disconnect_cancels(make_app: Callable[..., Star
 )
 async def test_non_stream_disconnect_cancels(make_app: Callable[..., Starlette], path: str,
                                              body: dict[str, Any], started: int) -> None:
-    from tests.test_openai_routes import _drive
-
     engine = FakeEngine(parallel=2, script=Script(tokens=["x"] * 200, delay=0.01))
     app = make_app(engine)
     leave = asyncio.Event()
-    task = asyncio.create_task(_drive_path(app, path, body, disconnect_after=None, drive=_drive,
-                                           leave=leave))
+    task = asyncio.create_task(drive_asgi(app, body, disconnect_after=None, path=path,
+                                           disconnect_event=leave))
     await asyncio.sleep(0.15)
     leave.set()
     await task
@@ -470,18 +466,6 @@ async def test_non_stream_disconnect_cancels(make_app: Callable[..., Starlette],
     assert sorted(map(id, engine.cancelled)) == sorted(map(id, engine.requests))
     assert app.state.llmserve.host.admission.in_system == 0
     assert len(app.state.llmserve.running) == 0
-
-
-async def _drive_path(app: Starlette, path: str, body: dict[str, Any], *,
-                      disconnect_after: int | None, drive: Any,
-                      leave: asyncio.Event | None = None) -> list[bytes]:
-    """tests.test_openai_routes._drive, on another path."""
-    async def on_path(scope: Any, receive: Any, send: Any) -> None:
-        await app({**scope, "path": path}, receive, send)
-
-    result: list[bytes] = await drive(on_path, body, disconnect_after=disconnect_after,
-                                      disconnect_event=leave)
-    return result
 
 
 def test_ceiling_applies(make_app: Callable[..., Starlette]) -> None:
