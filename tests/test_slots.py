@@ -10,7 +10,13 @@ import pytest
 
 from llmserve.engine.model import MIN_CTX_PER_SLOT, check_parallel
 from llmserve.engine.scheduler import PROMPT_CHUNK_WHILE_GENERATING, Slot, choose_slot
-from llmserve.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from llmserve.engine.types import (
+    Finish,
+    GenerationRequest,
+    GenerationStream,
+    SamplingParams,
+    TokenEvent,
+)
 from llmserve.errors import InvalidRequest
 
 
@@ -82,5 +88,77 @@ async def test_a_long_prompt_is_read_between_the_tokens_of_a_running_stream(
         # running stream per chunk
         assert tokens_meanwhile >= 1500 // PROMPT_CHUNK_WHILE_GENERATING - 2, tokens_meanwhile
         running.cancel()
+    finally:
+        await asyncio.to_thread(engine.close)
+
+
+async def _drain(stream: GenerationStream) -> tuple[int, Finish]:
+    """(token events seen, the Finish) of one generation."""
+    tokens = 0
+    async for event in stream:
+        if isinstance(event, Finish):
+            return tokens, event
+        tokens += 1
+    raise AssertionError("no Finish")
+
+
+@pytest.mark.real
+async def test_slots_that_outgrow_the_shared_context_are_preempted_not_cut_short(
+    demo_model: Path,
+) -> None:
+    """Two slots of 400 tokens each cannot both fit in a 512-token context: the newer one is
+    preempted, waits, re-reads what it had and finishes in full after the older one."""
+    from llmserve.engine.engine import Engine
+
+    engine = await asyncio.to_thread(Engine.load, demo_model, n_ctx=512, n_parallel=2)
+    try:
+        greedy = SamplingParams(temperature=0, ignore_eos=True)
+        streams = [
+            engine.submit(GenerationRequest(prompt_tokens=engine.tokenize(text), max_tokens=400,
+                                            sampling=greedy))
+            for text in ("Count: 1, 2, 3,", "List the letters: a, b, c,")
+        ]
+        drained = asyncio.gather(*map(_drain, streams))
+        async with asyncio.timeout(60):
+            while engine.scheduler.preempted == 0:
+                await asyncio.sleep(0.01)
+        results = await asyncio.wait_for(drained, timeout=90)
+        for tokens, finish in results:
+            assert finish.reason == "length"
+            assert finish.completion_tokens == 400
+            assert tokens >= 399  # one event per token (a held-back piece may merge two)
+        assert engine.scheduler.queued == 0
+        assert engine.busy_slots == 0
+    finally:
+        await asyncio.to_thread(engine.close)
+
+
+@pytest.mark.real
+async def test_a_preempted_request_whose_client_leaves_is_dropped_from_the_queue(
+    demo_model: Path,
+) -> None:
+    from llmserve.engine.engine import Engine
+
+    engine = await asyncio.to_thread(Engine.load, demo_model, n_ctx=512, n_parallel=2)
+    try:
+        greedy = SamplingParams(temperature=0, ignore_eos=True)
+        older = engine.submit(GenerationRequest(
+            prompt_tokens=engine.tokenize("Count: 1, 2, 3,"), max_tokens=450, sampling=greedy))
+        newer = engine.submit(GenerationRequest(
+            prompt_tokens=engine.tokenize("Letters: a, b, c,"), max_tokens=400,
+            sampling=greedy))
+        older_done = asyncio.ensure_future(_drain(older))
+        async with asyncio.timeout(60):
+            while engine.scheduler.preempted == 0:  # until the newer one is preempted
+                await asyncio.sleep(0.01)
+        newer.cancel()
+        engine.scheduler.wake()
+        tokens, finish = await asyncio.wait_for(_drain(newer), timeout=30)
+        assert finish.reason == "cancelled"
+        assert 0 < finish.completion_tokens < 400
+        assert tokens == finish.completion_tokens
+        _, older_finish = await asyncio.wait_for(older_done, timeout=60)
+        assert older_finish.reason == "length" and older_finish.completion_tokens == 450
+        assert engine.scheduler.queued == 0
     finally:
         await asyncio.to_thread(engine.close)

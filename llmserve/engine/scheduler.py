@@ -9,7 +9,12 @@ keep flowing.
 
 Slots share one unified KV cache. A finished or cancelled slot keeps its cells as a prefix
 cache (as llama-server does: Stop then Regenerate reuses the prompt); idle caches are dropped
-when a decode finds no room. Batching is bit-exact while each sequence's cells sit in position
+when a decode finds no room. A waiting request joins only when its prompt fits beside what the
+running slots hold. If the running slots between them still fill the context, the most recently
+started one is preempted rather than failed: its cells are freed, it goes back to the head of
+the queue with its prompt and the tokens it has generated so far, and when room frees up it
+re-reads them and carries on where it stopped (vLLM's recompute preemption). A client sees a
+pause, never a stream cut short. Batching is bit-exact while each sequence's cells sit in position
 order; after a slot's cache is trimmed and refilled, llama.cpp may place its new cells before
 old ones, and logits then move by up to ~1.6 (measured; see tests/test_real_samplers.py), so a
 greedy near-tie can flip. llama-server behaves the same.
@@ -69,12 +74,18 @@ class _Job:
     sampler: Sampler
     output: OutputText
     n_cached: int
-    # index into ``prompt`` of the next prompt token to feed
+    # what must be in the slot's cache before sampling goes on: the prompt, or after a
+    # preemption the prompt plus every token generated so far
+    to_read: list[int]
+    # index into ``to_read`` of the next token to feed
     n_fed: int
     t_start: float = field(default_factory=time.perf_counter)
     t_prompt_done: float = 0.0
     n_generated: int = 0
+    # sampled tokens, in order; the last one is ``next_token`` while that waits to be fed
+    generated: list[int] = field(default_factory=list)
     next_token: int | None = None
+    preemptions: int = 0
 
 
 @dataclass
@@ -100,7 +111,8 @@ class Scheduler:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.slots = [Slot(i) for i in range(model.n_parallel)]
-        self._pending: collections.deque[GenerationStream] = collections.deque()
+        # new requests (FIFO), and at the head any preempted job waiting to resume
+        self._pending: collections.deque[GenerationStream | _Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
@@ -131,6 +143,11 @@ class Scheduler:
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    @property
+    def preempted(self) -> int:
+        """How many of the queued are preempted generations waiting for room to resume."""
+        return sum(1 for item in list(self._pending) if isinstance(item, _Job))
 
     def slot_states(self) -> list[SlotState]:
         """A snapshot for GET /slots. Reads what the worker writes without a lock: each field
@@ -169,10 +186,16 @@ class Scheduler:
                         continue
                 # Outside the lock: building a sampler (a grammar, the prompt history) must not
                 # hold up ``submit`` on the event loop.
-                for stream in dropped:
-                    stream.push(Finish("cancelled", len(stream.request.prompt_tokens), 0))
-                for slot, stream in admitted:
-                    self._start(slot, stream)
+                for item in dropped:
+                    if isinstance(item, _Job):
+                        self._end(item, "cancelled")
+                    else:
+                        item.push(Finish("cancelled", len(item.request.prompt_tokens), 0))
+                for slot, item in admitted:
+                    if isinstance(item, _Job):
+                        self._resume(slot, item)
+                    else:
+                        self._start(slot, item)
                 self._step()
         except Exception:  # pragma: no cover - a bug; fail everything rather than hang clients
             log.exception("engine loop crashed")
@@ -184,39 +207,46 @@ class Scheduler:
                 self._stopping = True
                 pending = list(self._pending)
                 self._pending.clear()
-            for stream in pending:
-                stream.push(Finish("cancelled", 0, 0))
+            for item in pending:
+                if isinstance(item, _Job):
+                    self._end(item, "cancelled")
+                else:
+                    item.push(Finish("cancelled", 0, 0))
             for slot in self.slots:
                 if slot.job:
                     self._finish(slot, "cancelled")
 
-    def _take_pending(self) -> tuple[list[tuple[Slot, GenerationStream]], list[GenerationStream]]:
-        """Pair waiting requests (FIFO) with free slots, and take out cancelled ones, wherever
-        they wait (caller holds the lock)."""
-        dropped = [s for s in self._pending if s.cancelled]
-        for stream in dropped:
-            self._pending.remove(stream)
+    def _take_pending(
+        self,
+    ) -> tuple[list[tuple[Slot, GenerationStream | _Job]], list[GenerationStream | _Job]]:
+        """Pair waiting requests (FIFO) with free slots while their prompts fit in the context
+        beside the running slots' cells, and take out cancelled ones, wherever they wait
+        (caller holds the lock). The head of the queue is never overtaken: a big prompt waits
+        for room rather than starve behind smaller ones."""
+        dropped = [item for item in self._pending if _stream(item).cancelled]
+        for item in dropped:
+            self._pending.remove(item)
         free = [s for s in self.slots if s.job is None]
-        admitted: list[tuple[Slot, GenerationStream]] = []
+        used = sum(len(s.cached) for s in self.slots if s.job is not None)
+        running = len(self.slots) - len(free)
+        admitted: list[tuple[Slot, GenerationStream | _Job]] = []
         while self._pending and free:
-            stream = self._pending.popleft()
-            slot = choose_slot(free, list(stream.request.prompt_tokens))
+            item = self._pending[0]
+            tokens = item.to_read if isinstance(item, _Job) else list(item.request.prompt_tokens)
+            slot = choose_slot(free, tokens)
+            need = len(tokens) - common_prefix_len(slot.cached, tokens) + 1
+            if running and used + need > self.model.n_ctx:
+                break  # waits for a running slot to finish (or be preempted)
+            self._pending.popleft()
             free.remove(slot)
-            admitted.append((slot, stream))
+            admitted.append((slot, item))
+            used += len(tokens)
+            running += 1
         return admitted, dropped
 
     def _start(self, slot: Slot, stream: GenerationStream) -> None:
         prompt = list(stream.request.prompt_tokens)
-        keep = common_prefix_len(slot.cached, prompt)
-        if keep == len(prompt):
-            keep -= 1  # the last prompt token must be decoded again to get its logits
-        if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(
-            self.model.memory, slot.seq_id, keep, -1
-        ):
-            # Some caches (recurrent models) cannot drop a tail: start the sequence over.
-            llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
-            keep = 0
-        del slot.cached[keep:]
+        keep = self._keep_prefix(slot, prompt)
         try:
             sampler = Sampler(stream.request.sampling, self.model)
         except Exception as exc:
@@ -230,8 +260,52 @@ class Scheduler:
             sampler=sampler,
             output=OutputText(stream.request.stop),
             n_cached=keep,
+            to_read=prompt,
             n_fed=keep,
         )
+
+    def _keep_prefix(self, slot: Slot, tokens: list[int]) -> int:
+        """Trim ``slot``'s cache to its longest prefix shared with ``tokens`` (less the last
+        token, whose logits are needed); return how many cached tokens stay."""
+        keep = common_prefix_len(slot.cached, tokens)
+        if keep == len(tokens):
+            keep -= 1
+        if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(
+            self.model.memory, slot.seq_id, keep, -1
+        ):
+            llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+            keep = 0
+        del slot.cached[keep:]
+        return keep
+
+    def _resume(self, slot: Slot, job: _Job) -> None:
+        """A preempted job takes a slot again: it re-reads what it had (its sampler, stop-string
+        state and output so far are kept), then samples on from where it stopped."""
+        job.n_fed = self._keep_prefix(slot, job.to_read)
+        slot.job = job
+
+    def _preempt(self, slot: Slot) -> None:
+        """Free ``slot``'s cells and put its job back at the head of the queue, to re-read its
+        prompt and generated tokens when there is room again."""
+        job = slot.job
+        assert job is not None
+        if job.next_token is not None:
+            # everything sampled so far, including the token not yet fed
+            job.to_read = job.prompt + job.generated
+            job.next_token = None
+        job.n_fed = 0
+        job.preemptions += 1
+        llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+        slot.cached.clear()
+        slot.job = None
+        slot.last_used = time.perf_counter()
+        log.warning(
+            "context full: preempted a request after %d generated tokens; it resumes when "
+            "another slot frees its cells (--ctx-size %d is shared by --parallel %d slots)",
+            job.n_generated, self.model.n_ctx, len(self.slots),
+        )
+        with self._cond:
+            self._pending.appendleft(job)
 
     def _should_abort(self, _data: Any) -> bool:
         jobs = self._abortable
@@ -268,10 +342,10 @@ class Scheduler:
             assert job is not None
             if job.next_token is not None or budget <= 0:
                 continue
-            chunk = job.prompt[job.n_fed : job.n_fed + budget]
+            chunk = job.to_read[job.n_fed : job.n_fed + budget]
             budget -= len(chunk)
             pos = len(slot.cached)
-            last = job.n_fed + len(chunk) == len(job.prompt)
+            last = job.n_fed + len(chunk) == len(job.to_read)
             for i, token in enumerate(chunk):
                 self._put(n + i, token, pos + i, slot.seq_id, last and i == len(chunk) - 1)
             fed.append((slot, n + len(chunk) - 1 if last else -1, chunk))
@@ -284,9 +358,8 @@ class Scheduler:
             llama_cpp.llama_set_abort_callback(self.model.ctx, self._abort_cb, None)
         try:
             rc = llama_cpp.llama_decode(self.model.ctx, batch)
-            if rc == 1:
+            if rc == 1 and self._drop_idle_caches():
                 # No room in the unified KV cache: give up idle slots' caches and try once more.
-                self._drop_idle_caches()
                 rc = llama_cpp.llama_decode(self.model.ctx, batch)
         finally:
             if reading:
@@ -295,6 +368,13 @@ class Scheduler:
 
         if rc != 0:
             self._decode_failed(rc, fed)
+            if rc == 1 and len(active) > 1:
+                # Still no room: the running slots fill the context between them. The newest
+                # waits for the others instead of failing; the rest go on next step.
+                self._preempt(max(active, key=lambda s: s.job.t_start if s.job else 0.0))
+            elif rc == 1:
+                self._finish(active[0], "error",
+                             error="the context is full: the request does not fit in it")
             return
 
         now = time.perf_counter()
@@ -306,7 +386,7 @@ class Scheduler:
                 job.n_fed += len(tokens)
             if index < 0:
                 continue
-            if job.next_token is None:
+            if not job.t_prompt_done:
                 job.t_prompt_done = now
             try:
                 self._sample(slot, index)
@@ -332,6 +412,7 @@ class Scheduler:
             self._finish(slot, "stop")
             return
         job.n_generated += 1
+        job.generated.append(token)
         text = job.output.push(self.model.token_to_piece(token))
         if request.n_probs > 0:
             logprob, top = self._logprobs(index, token, request.n_probs)
@@ -367,6 +448,9 @@ class Scheduler:
         assert job is not None
         slot.job = None
         slot.last_used = time.perf_counter()
+        self._end(job, reason, error=error)
+
+    def _end(self, job: _Job, reason: FinishReason, *, error: str | None = None) -> None:
         job.sampler.free()
         if reason in ("stop", "length"):
             rest = job.output.flush()
@@ -392,11 +476,15 @@ class Scheduler:
             )
         )
 
-    def _drop_idle_caches(self) -> None:
+    def _drop_idle_caches(self) -> bool:
+        """Free the cells idle slots keep as prompt caches; False when there were none."""
+        dropped = False
         for slot in self.slots:
             if slot.job is None and slot.cached:
                 llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
                 slot.cached.clear()
+                dropped = True
+        return dropped
 
     def _decode_failed(self, rc: int, fed: list[tuple[Slot, int, list[int]]]) -> None:
         """After an abort or a failure, drop whatever this batch may have left in the cache."""
@@ -410,12 +498,13 @@ class Scheduler:
                     self._finish(slot, "cancelled")
             return
         if rc == 1:
-            message = "the context is full: too many tokens in flight across slots"
-        else:
-            message = f"llama_decode failed (code {rc})"
+            return  # no room: the caller preempts
+        message = f"llama_decode failed (code {rc})"
         log.error("%s", message)
-        # Fail the most recently started request; the others may well fit without it.
-        victims = [fed[-1][0]] if rc == 1 else [s for s, _, _ in fed]
-        for slot in victims:
+        for slot, _index, _tokens in fed:
             if slot.job:
                 self._finish(slot, "error", error=message)
+
+
+def _stream(item: GenerationStream | _Job) -> GenerationStream:
+    return item.stream if isinstance(item, _Job) else item
