@@ -160,6 +160,12 @@ def run(
         int | None, typer.Option(envvar="LLMSERVE_THREADS", help="CPU threads for llama.cpp. "
                                  "Default: every core.", show_default=False)
     ] = None,
+    flash_attn: Annotated[
+        str, typer.Option("--flash-attn", "-fa", envvar="LLMSERVE_FLASH_ATTN",
+                          help="llama.cpp's flash attention: auto (llama.cpp decides; on for "
+                          "CPU and most GPUs), on or off. On keeps temperature-0 results the "
+                          "same whatever the batch (streamed = non-streamed, batched = alone).")
+    ] = "auto",
     alias: Annotated[
         str | None, typer.Option(envvar="LLMSERVE_ALIAS", help="Model id shown in /v1/models. "
                                  "Default: the file name without .gguf.", show_default=False)
@@ -271,7 +277,7 @@ def _first_error(exc: ValueError) -> str:
     if isinstance(exc, ValidationError):
         e = exc.errors(include_url=False)[0]
         name = "--" + str(e["loc"][0]).replace("_", "-") if e["loc"] else "option"
-        return f"{name}: {e['msg']}"
+        return f"{name}: {e['msg'].removeprefix('Value error, ')}"
     return str(exc)
 
 
@@ -388,6 +394,8 @@ def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
               soft_wrap=True)
     err.print(f"  context  {info.n_ctx} tokens (trained {info.n_ctx_train}), "
               f"{info.n_parallel} slot(s), queue {settings.max_queue}")
+    fa = {None: "auto", True: "on", False: "off"}[info.flash_attn]
+    err.print(f"  compute  {info.n_threads} CPU thread(s), flash attention {fa}")
     if info.n_ctx > info.n_ctx_train > 0:
         err.print(f"  [yellow]warning[/]  the context is above the trained {info.n_ctx_train} "
                   "tokens: answers may degrade past it unless rope scaling is configured")

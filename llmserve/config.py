@@ -141,6 +141,22 @@ _DURATION = re.compile(r"-?(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 Duration = Annotated[
     float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
 ]
+def _flash_attn(value: object) -> object:
+    """``--flash-attn`` and the config key: auto, on/off (or TOML true/false)."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("on", "true"):
+            return True
+        if word in ("off", "false"):
+            return False
+        if word == "auto":
+            return "auto"
+        raise ValueError(f"expected auto, on or off, got {value!r}")
+    return value
+
+
+FlashAttn = Annotated[bool | Literal["auto"], BeforeValidator(_flash_attn)]
+
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
 
@@ -169,7 +185,7 @@ class ModelOptions(BaseModel):
     ctx_size: int = Field(default=DEFAULT_CTX, ge=0)
     chat_template: str | None = None
     threads: int | None = Field(default=None, ge=1)
-    flash_attn: bool | Literal["auto"] = "auto"
+    flash_attn: FlashAttn = "auto"
     cache_type_k: CacheType = "f16"
     cache_type_v: CacheType = "f16"
     rope_scaling: Literal["none", "linear", "yarn"] | None = None
@@ -303,6 +319,7 @@ class Settings(BaseModel):
     ctx_size: int = Field(default=DEFAULT_CTX, ge=0)
     n_gpu_layers: int | None = None
     threads: int | None = Field(default=None, ge=1)
+    flash_attn: FlashAttn = "auto"
     chat_template: str | None = None
     parallel: int = Field(default=1, ge=1, le=64)
     max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
@@ -371,7 +388,8 @@ class Settings(BaseModel):
 
     def model_options(self) -> ModelOptions:
         return ModelOptions(ctx_size=self.ctx_size, n_gpu_layers=self.n_gpu_layers,
-                            threads=self.threads, chat_template=self.chat_template)
+                            threads=self.threads, flash_attn=self.flash_attn,
+                            chat_template=self.chat_template)
 
     def spec_for_path(self, path: Path, model_id: str | None = None) -> ModelSpec:
         """A model given by its path (command line, POST /v1/models/load): the server-wide
@@ -382,7 +400,7 @@ class Settings(BaseModel):
 
 _SERVER_KEYS = ("host", "port", "max_queue", "parallel", "models_dir", "max_loaded_models",
                 "ttl")
-_CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "chat_template")
+_CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "flash_attn", "chat_template")
 
 
 def resolve_settings(values: Mapping[str, Any], explicit: set[str]) -> Settings:

@@ -22,7 +22,8 @@ def test_run_help_lists_every_flag() -> None:
     r = runner.invoke(cli.app, ["run", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0
     for flag in ("--host", "--port", "--ctx-size", "--n-gpu-layers", "--threads", "--alias",
-                 "--chat-template", "--max-queue", "--parallel", "--max-tokens-limit"):
+                 "--chat-template", "--max-queue", "--parallel", "--max-tokens-limit",
+                 "--flash-attn"):
         assert flag in r.stdout
 
 
@@ -68,6 +69,7 @@ def test_no_model_and_no_demo_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--parallel", "0"], "--parallel"),
         (["--port", "70000"], "--port"),
         (["--max-queue", "-1"], "--max-queue"),
+        (["--flash-attn", "maybe"], "--flash-attn: expected auto, on or off"),
     ],
 )
 def test_bad_flag_values(args: list[str], fragment: str) -> None:

@@ -128,6 +128,17 @@ def test_config_fills_what_flags_leave_unset(tmp_path: Path) -> None:
     assert b.ctx_size == DEFAULT_CTX and b.path == tmp_path / "sub/b.gguf"
 
 
+@pytest.mark.parametrize(("flag", "value"), [("on", True), ("off", False), ("auto", "auto")])
+def test_flash_attn_flag_reaches_every_model(tmp_path: Path, flag: str, value: object) -> None:
+    settings = _resolve(tmp_path, CONFIG + 'flash_attn = "on"\n', {"flash_attn": flag})
+    assert [m.flash_attn for m in settings.models] == [value, value]
+
+
+def test_flash_attn_from_the_config_file(tmp_path: Path) -> None:
+    settings = _resolve(tmp_path, CONFIG + "flash_attn = false\n")
+    assert [m.flash_attn for m in settings.models] == ["auto", False]
+
+
 def test_explicit_flags_beat_the_config(tmp_path: Path) -> None:
     settings = _resolve(tmp_path, CONFIG, {"port": 8081, "ctx_size": 512})
     assert settings.port == 8081 and settings.max_queue == 3

@@ -51,6 +51,8 @@ class Engine:
             size_bytes=model.size_bytes,
             n_params=model.n_params,
             created=int(time.time()),
+            n_threads=model.n_threads,
+            flash_attn=model.flash_attn,
         )
         model.eog_tokens  # noqa: B018 - computed once here rather than by a request
         self.scheduler = Scheduler(model)

@@ -320,6 +320,7 @@ class LoadedModel:
         self.n_parallel = n_parallel
         self.n_batch = n_batch
         self.n_threads = threads
+        self.flash_attn = flash_attn
         self._pieces: dict[int, bytes] = {}
         self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos_id = int(llama_cpp.llama_vocab_eos(self.vocab))

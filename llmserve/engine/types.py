@@ -133,6 +133,9 @@ class ModelInfo:
     n_params: int = 0
     created: int = 0
     load_seconds: float = 0.0
+    n_threads: int = 0
+    # as asked: None = llama.cpp's auto
+    flash_attn: bool | None = None
 
     @property
     def layers_offloaded(self) -> int:
