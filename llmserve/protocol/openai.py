@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -20,6 +19,7 @@ from pydantic import (
 )
 
 from llmserve.config import Duration
+from llmserve.ids import random_hex
 
 T = TypeVar("T")
 
@@ -258,7 +258,7 @@ class UnloadModelRequest(_Request):
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    return f"{prefix}-{random_hex(24)}"
 
 
 def now() -> int:

@@ -12,7 +12,6 @@ soon as the bytes received pass the limit, so an oversized body is never held in
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 
 from starlette.datastructures import Headers
@@ -21,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmserve.engine.types import Finish, TokenEvent
 from llmserve.errors import LlmserveError, RequestTooLarge
+from llmserve.ids import random_hex
 from llmserve.server.access import RequestRecord, current_record, write_access_line
 from llmserve.server.auth import ApiKeys
 from llmserve.server.errors import error_response, rate_limit_headers
@@ -71,7 +71,7 @@ class RequestTracking:
 def _request_id(offered: str | None) -> str:
     if offered and len(offered) <= _MAX_REQUEST_ID and offered.isascii() and offered.isprintable():
         return offered
-    return uuid.uuid4().hex
+    return random_hex(32)
 
 
 def _route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
