@@ -19,6 +19,9 @@ order; after a slot's cache is trimmed and refilled, llama.cpp may place its new
 old ones, and logits then move by up to ~1.6 (measured; see tests/test_real_samplers.py), so a
 greedy near-tie can flip. llama-server behaves the same.
 
+Events leave the worker once per step (``GenerationStream.push_all``): one wake-up of the event
+loop for all the slots' tokens, not one per token.
+
 Requests wait in ``_pending`` (FIFO) until a slot frees up; the bound on how many may wait is
 admission's job, in front of this. Cancellation is a flag on the stream: the loop checks it every
 step, and while a prompt is being read llama.cpp's abort callback checks it between graph nodes.
@@ -40,6 +43,7 @@ from llmserve.engine.model import LoadedModel
 from llmserve.engine.output_text import OutputText
 from llmserve.engine.sampling import Sampler
 from llmserve.engine.types import (
+    Event,
     Finish,
     FinishReason,
     GenerationStream,
@@ -118,6 +122,8 @@ class Scheduler:
         self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         # Only the slots being read may abort a decode, and only when all of them are cancelled.
         self._abortable: list[_Job] = []
+        # events for the event loop, handed over together at the end of each step
+        self._outbox: list[tuple[GenerationStream, Event]] = []
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
         self._no_abort_cb = llama_cpp.ggml_abort_callback()
         self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
@@ -190,13 +196,15 @@ class Scheduler:
                     if isinstance(item, _Job):
                         self._end(item, "cancelled")
                     else:
-                        item.push(Finish("cancelled", len(item.request.prompt_tokens), 0))
+                        self._emit(item, Finish("cancelled", len(item.request.prompt_tokens),
+                                                0))
                 for slot, item in admitted:
                     if isinstance(item, _Job):
                         self._resume(slot, item)
                     else:
                         self._start(slot, item)
                 self._step()
+                self._flush()
         except Exception:  # pragma: no cover - a bug; fail everything rather than hang clients
             log.exception("engine loop crashed")
             for slot in self.slots:
@@ -215,6 +223,7 @@ class Scheduler:
             for slot in self.slots:
                 if slot.job:
                     self._finish(slot, "cancelled")
+            self._flush()
 
     def _take_pending(
         self,
@@ -251,7 +260,7 @@ class Scheduler:
             sampler = Sampler(stream.request.sampling, self.model)
         except Exception as exc:
             log.exception("could not start a generation")
-            stream.push(Finish("error", len(prompt), 0, error=str(exc)))
+            self._emit(stream, Finish("error", len(prompt), 0, error=str(exc)))
             return
         sampler.accept_history(prompt)
         slot.job = _Job(
@@ -416,9 +425,9 @@ class Scheduler:
         text = job.output.push(self.model.token_to_piece(token))
         if request.n_probs > 0:
             logprob, top = self._logprobs(index, token, request.n_probs)
-            job.stream.push(TokenEvent(token, text, logprob, top))
+            self._emit(job.stream, TokenEvent(token, text, logprob, top))
         else:
-            job.stream.push(TokenEvent(token, text))
+            self._emit(job.stream, TokenEvent(token, text))
         if job.output.stop_word is not None:
             self._finish(slot, "stop")
         elif job.n_generated >= request.max_tokens or len(slot.cached) >= self.model.n_ctx:
@@ -455,10 +464,11 @@ class Scheduler:
         if reason in ("stop", "length"):
             rest = job.output.flush()
             if rest:
-                job.stream.push(TokenEvent(-1, rest))
+                self._emit(job.stream, TokenEvent(-1, rest))
         now = time.perf_counter()
         prompt_done = job.t_prompt_done or now
-        job.stream.push(
+        self._emit(
+            job.stream,
             Finish(
                 reason=reason,
                 prompt_tokens=len(job.prompt),
@@ -475,6 +485,14 @@ class Scheduler:
                 error=error,
             )
         )
+
+    def _emit(self, stream: GenerationStream, event: Event) -> None:
+        self._outbox.append((stream, event))
+
+    def _flush(self) -> None:
+        if self._outbox:
+            events, self._outbox = self._outbox, []
+            GenerationStream.push_all(events)
 
     def _drop_idle_caches(self) -> bool:
         """Free the cells idle slots keep as prompt caches; False when there were none."""

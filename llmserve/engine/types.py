@@ -191,6 +191,17 @@ class GenerationStream:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
+    @staticmethod
+    def push_all(events: Sequence[tuple[GenerationStream, Event]]) -> None:
+        """Push several streams' events (in order) with one wake-up of each event loop, not
+        one per event: the worker hands over a whole decode step's tokens at once."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, Event]]] = {}
+        for stream, event in events:
+            by_loop.setdefault(stream._loop, []).append((stream, event))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, batch)
+
     async def __aiter__(self) -> AsyncIterator[Event]:
         while not self.finished:
             event = await self._queue.get()
@@ -199,6 +210,11 @@ class GenerationStream:
             if self.on_event is not None:
                 self.on_event(event)
             yield event
+
+
+def _deliver(batch: list[tuple[GenerationStream, Event]]) -> None:
+    for stream, event in batch:
+        stream._queue.put_nowait(event)
 
 
 class EngineProtocol(Protocol):
