@@ -123,12 +123,16 @@ def llmserve(model: Path, *, threads: int, ctx_size: int, parallel: int,
 
 
 def llama_server(binary: Path, model: Path, *, threads: int, ctx_size: int,
-                 parallel: int, flash_attn: str = "auto") -> Contender:
+                 parallel: int, flash_attn: str = "auto", unified: bool = False) -> Contender:
+    """``unified``: one KV cache shared by the slots (-kvu), as llmserve's; llama-server's
+    default with -np N splits the context into N slots of ctx_size/N, whose attention spans
+    fewer cells (faster), but no slot can hold a chat longer than ctx_size/N."""
     return Contender(
-        f"llama-server -np {parallel}", "llama-server",
+        f"llama-server -np {parallel}" + (" -kvu" if unified else ""), "llama-server",
         lambda port: [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                       "-t", str(threads), "-tb", str(threads), "-c", str(ctx_size),
-                      "-np", str(parallel), "-fa", flash_attn],
+                      "-np", str(parallel), "-fa", flash_attn,
+                      "--kv-unified" if unified else "--no-kv-unified"],
     )
 
 

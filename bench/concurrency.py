@@ -77,11 +77,15 @@ def main() -> None:
                "(pip install -e '.[bench]'): left out")
     opts = {"threads": args.threads, "ctx_size": args.ctx_size, "flash_attn": args.flash_attn}
 
-    def servers_for(parallel: list[int], *, peers_parallel: list[int]) -> list[c.Contender]:
+    def servers_for(parallel: list[int], *, peers_parallel: list[int],
+                    unified_peer: int | None = None) -> list[c.Contender]:
         found: list[c.Contender | None] = [c.llmserve(model, parallel=p, **opts) for p in parallel]
         found.append(None if missing else c.llama_cpp_python_server(model, **opts))
         if binary is not None:
             found += [c.llama_server(binary, model, parallel=p, **opts) for p in peers_parallel]
+            if unified_peer is not None:
+                found.append(c.llama_server(binary, model, parallel=unified_peer, unified=True,
+                                            **opts))
         return c.available(found, args.skip)
 
     data: dict[str, Any] = {"benchmark": "concurrency", "run_id": rid, "machine": c.machine(),
@@ -92,7 +96,8 @@ def main() -> None:
     tables: list[str] = []
     with asyncio.Runner() as runner:
         if "throughput" in scenarios:
-            contenders = servers_for([args.clients, 1], peers_parallel=[args.clients, 1])
+            contenders = servers_for([args.clients, 1], peers_parallel=[args.clients, 1],
+                                     unified_peer=args.clients)
             with c.started(contenders, rid + "-throughput") as servers:
                 data["throughput"] = throughput(runner, servers, args)
             tables.append(render_throughput(data["throughput"], args))
@@ -149,6 +154,8 @@ def throughput(runner: asyncio.Runner, servers: dict[str, Any],
         f"llmserve_np{n}_vs_llama_server_np{n}": c.ratio(ours, agg.get(f"llama-server -np {n}")),
         f"llama_server_np{n}_vs_np1": c.ratio(agg.get(f"llama-server -np {n}"),
                                               agg.get("llama-server -np 1")),
+        f"llmserve_np{n}_vs_llama_server_np{n}_kvu": c.ratio(
+            ours, agg.get(f"llama-server -np {n} -kvu")),
     }
     return {"summary": summary, "ratios": ratios}
 
@@ -174,6 +181,9 @@ def render_throughput(result: dict[str, Any], args: argparse.Namespace) -> str:
                    c.verdict(r.get(key), lambda v, t=t: v >= t)] for label, key, t in targets]
     ratio_rows.append([f"llama-server -np {n} / -np 1", c.fmt(r.get(f"llama_server_np{n}_vs_np1"),
                                                               2), "(reported)", ""])
+    ratio_rows.append([f"llmserve -np {n} / llama-server -np {n} -kvu (same unified KV)",
+                       c.fmt(r.get(f"llmserve_np{n}_vs_llama_server_np{n}_kvu"), 2),
+                       "(reported)", ""])
     return "\n".join([
         f"### Throughput: {n} concurrent streams × {args.max_tokens} tokens ({args.endpoint}), "
         f"{args.threads} threads, median of {args.reps}\n",

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import _common as c
+from _rawsse import RawSSEClient
 
 from llmserve.loadgen import RequestResult, Workload, new_client, stream_request
 
@@ -47,6 +48,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=7, help="measured repetitions (default 7)")
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                        help="HTTP client for the servers: raw (a minimal socket SSE reader, "
+                        "default: least CPU taken from the server on a small machine) or httpx "
+                        "(llmserve bench's async client)")
     args = parser.parse_args()
 
     model = c.model_path(args.model)
@@ -74,6 +79,7 @@ def main() -> None:
 
     with c.started(contenders, rid) as servers, asyncio.Runner() as runner:
         client = new_client(workload)
+        raw = {name: RawSSEClient(server.url) for name, server in servers.items()}
         try:
             for name in servers:
                 runs[name] = []
@@ -85,17 +91,23 @@ def main() -> None:
                     if rep:
                         runs[name].append(result)
                 for name, server in servers.items():
-                    result = runner.run(stream_request(client, server.url + workload.path, body))
+                    if args.client == "raw":
+                        result = raw[name].stream(workload.path, body)
+                    else:
+                        result = runner.run(stream_request(client, server.url + workload.path,
+                                                           body))
                     if rep:
                         runs[name].append(result)
         finally:
             runner.run(client.aclose())
+            for one in raw.values():
+                one.close()
 
     summary = {name: summarise(results, args.max_tokens) for name, results in runs.items()}
     ratios = compare(summary)
     data = {"benchmark": "single_stream", "run_id": rid, "machine": c.machine(),
             "config": {"model": str(model), "threads": args.threads, "ctx_size": args.ctx_size,
-                       "flash_attn": args.flash_attn,
+                       "flash_attn": args.flash_attn, "client": args.client,
                        "max_tokens": args.max_tokens, "reps": args.reps, "prompt": args.prompt},
             "summary": summary, "ratios": ratios,
             "runs": {name: [run_dict(r) for r in results] for name, results in runs.items()}}
@@ -174,7 +186,8 @@ def render(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None],
              + (f", errors {s['errors']}" if s["errors"] else "")]
             for name, s in summary.items()]
     out = [f"### Single stream: {args.max_tokens} tokens, {args.threads} threads, "
-           f"flash attention {args.flash_attn}, median of {args.reps}\n",
+           f"flash attention {args.flash_attn}, {args.client} client, "
+           f"median of {args.reps}\n",
            c.md_table(["contender", "tokens/s", "TTFT ms", "tokens"], rows), ""]
     r = ratios
     ratio_rows = [
