@@ -162,3 +162,23 @@ async def test_a_preempted_request_whose_client_leaves_is_dropped_from_the_queue
         assert engine.scheduler.queued == 0
     finally:
         await asyncio.to_thread(engine.close)
+
+
+async def test_push_all_hands_a_step_of_events_over_in_order_from_another_thread() -> None:
+    import threading
+
+    loop = asyncio.get_running_loop()
+    a = GenerationStream(GenerationRequest(prompt_tokens=[1], max_tokens=2), loop)
+    b = GenerationStream(GenerationRequest(prompt_tokens=[1], max_tokens=2), loop)
+    events = [(a, TokenEvent(1, "x")), (b, TokenEvent(2, "y")), (a, TokenEvent(3, "z")),
+              (b, Finish("stop", 1, 1)), (a, Finish("length", 1, 2))]
+    worker = threading.Thread(target=GenerationStream.push_all, args=(events,))
+    worker.start()
+    worker.join()
+
+    async def seen(stream: GenerationStream) -> list[object]:
+        return [e async for e in stream]
+
+    got_a, got_b = await asyncio.wait_for(asyncio.gather(seen(a), seen(b)), timeout=5)
+    assert got_a == [e for s, e in events if s is a]
+    assert got_b == [e for s, e in events if s is b]
