@@ -4,7 +4,10 @@ C++ llama-server — same model, same threads, same workload, in one run. Three 
 throughput  8 concurrent streams x 128 tokens (temperature 0, ignore_eos): llmserve --parallel 8
             vs --parallel 1 vs `python -m llama_cpp.server` vs llama-server -np 8 and -np 1.
             Every request must complete in full. Aggregate tokens/s = all tokens / wall time;
-            median over the repetitions, which are interleaved across servers.
+            median over the repetitions, which are interleaved across servers (order reversed
+            every other one). Ratios are medians of the ratios within each repetition (paired),
+            which drift in the machine's speed does not skew. llama-server -np 8 -kvu (one KV
+            cache shared by the slots, as llmserve's) is reported beside its default.
             Targets: llmserve -np 8 >= 1.2x llmserve -np 1, >= 1.5x llama_cpp.server,
             >= 0.9x llama-server -np 8.
 fairness    --parallel 2 (llama-server -np 2; llama_cpp.server queues): while one 1000-token
@@ -126,7 +129,10 @@ def throughput(runner: asyncio.Runner, servers: dict[str, Any],
                args: argparse.Namespace) -> dict[str, Any]:
     reports: dict[str, list[Report]] = {name: [] for name in servers}
     for rep in range(args.reps):
-        for name, server in servers.items():
+        order = list(servers.items())
+        if rep % 2:  # alternate the order, so no server always runs first
+            order.reverse()
+        for name, server in order:
             progress(f"throughput {rep + 1}/{args.reps}: {name}")
             workload = Workload(url=server.url, clients=args.clients, requests=args.clients,
                                 max_tokens=args.max_tokens, endpoint=args.endpoint)
@@ -145,17 +151,23 @@ def throughput(runner: asyncio.Runner, servers: dict[str, Any],
             "errors": _merge_errors(r.errors for r in runs),
             "runs": [r.to_dict() for r in runs],
         }
-    agg = {name: s["aggregate_tokens_per_s"] for name, s in summary.items()}
     n = args.clients
-    ours, ours1 = agg.get(f"llmserve -np {n}"), agg.get("llmserve -np 1")
+
+    def paired(a: str, b: str) -> float | None:
+        """Median over repetitions of a's aggregate / b's in the same repetition: the servers
+        ran one after the other, so drift in the machine's speed hits both alike."""
+        if a not in reports or b not in reports:
+            return None
+        return c.median([c.ratio(x.aggregate_tokens_per_s, y.aggregate_tokens_per_s)
+                         for x, y in zip(reports[a], reports[b], strict=True)])
+
+    ours = f"llmserve -np {n}"
     ratios = {
-        f"llmserve_np{n}_vs_llmserve_np1": c.ratio(ours, ours1),
-        f"llmserve_np{n}_vs_llama_cpp_server": c.ratio(ours, agg.get("llama_cpp.server")),
-        f"llmserve_np{n}_vs_llama_server_np{n}": c.ratio(ours, agg.get(f"llama-server -np {n}")),
-        f"llama_server_np{n}_vs_np1": c.ratio(agg.get(f"llama-server -np {n}"),
-                                              agg.get("llama-server -np 1")),
-        f"llmserve_np{n}_vs_llama_server_np{n}_kvu": c.ratio(
-            ours, agg.get(f"llama-server -np {n} -kvu")),
+        f"llmserve_np{n}_vs_llmserve_np1": paired(ours, "llmserve -np 1"),
+        f"llmserve_np{n}_vs_llama_cpp_server": paired(ours, "llama_cpp.server"),
+        f"llmserve_np{n}_vs_llama_server_np{n}": paired(ours, f"llama-server -np {n}"),
+        f"llama_server_np{n}_vs_np1": paired(f"llama-server -np {n}", "llama-server -np 1"),
+        f"llmserve_np{n}_vs_llama_server_np{n}_kvu": paired(ours, f"llama-server -np {n} -kvu"),
     }
     return {"summary": summary, "ratios": ratios}
 

@@ -2,10 +2,12 @@
 llama.cpp's C++ llama-server — same prompt, same max_tokens, same threads, in one run.
 
 Each repetition runs every contender once, in turn (interleaved, so drift in the machine's load
-hits all of them alike); one warm-up repetition is discarded. Every contender reuses its KV cache
-for the repeated prompt, so TTFT is the cost of the request path plus one decode, and
-"added TTFT" is what HTTP and llmserve add to it. Tokens/s is the decode rate after the first
-token: (tokens - 1) / (last token time - first token time). Medians over the repetitions.
+hits all of them alike; the order reverses every other repetition); one warm-up repetition is
+discarded. The table gives each contender's medians; the ratios are medians of the ratios
+within each repetition (paired), which drift in the machine's speed does not skew. Every
+contender reuses its KV cache for the repeated prompt, so TTFT is the cost of the request path
+plus one decode, and "added TTFT" is what HTTP and llmserve add to it. Tokens/s is the decode
+rate after the first token: (tokens - 1) / (last token time - first token time).
 
 Every contender runs with the same llama.cpp settings, flash attention included (--flash-attn,
 default auto as llmserve and llama-server; `Llama` takes a bool, and auto is on for the CPU).
@@ -25,6 +27,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -86,16 +89,17 @@ def main() -> None:
             for rep in range(args.reps + 1):  # rep 0 warms up and is discarded
                 print(f"repetition {rep}/{args.reps}{' (warm-up)' if rep == 0 else ''}",
                       file=sys.stderr, flush=True)
-                for name, llm in in_process.items():
-                    result = run_in_process(llm, args.prompt, args.max_tokens)
-                    if rep:
-                        runs[name].append(result)
-                for name, server in servers.items():
-                    if args.client == "raw":
+                order = [*in_process, *servers]
+                if rep % 2:  # alternate the order, so no contender always runs first
+                    order.reverse()
+                for name in order:
+                    if name in in_process:
+                        result = run_in_process(in_process[name], args.prompt, args.max_tokens)
+                    elif args.client == "raw":
                         result = raw[name].stream(workload.path, body)
                     else:
-                        result = runner.run(stream_request(client, server.url + workload.path,
-                                                           body))
+                        result = runner.run(stream_request(
+                            client, servers[name].url + workload.path, body))
                     if rep:
                         runs[name].append(result)
         finally:
@@ -104,7 +108,7 @@ def main() -> None:
                 one.close()
 
     summary = {name: summarise(results, args.max_tokens) for name, results in runs.items()}
-    ratios = compare(summary)
+    ratios = compare(runs)
     data = {"benchmark": "single_stream", "run_id": rid, "machine": c.machine(),
             "config": {"model": str(model), "threads": args.threads, "ctx_size": args.ctx_size,
                        "flash_attn": args.flash_attn, "client": args.client,
@@ -154,27 +158,40 @@ def summarise(results: list[RequestResult], max_tokens: int) -> dict[str, Any]:
     }
 
 
-def compare(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    base = summary[IN_PROCESS]
-    ours = summary.get("llmserve")
-    peer = summary.get("llama-server -np 1")
+def paired(a: list[RequestResult], b: list[RequestResult],
+           value: Callable[[RequestResult, RequestResult], float | None]) -> float | None:
+    """The median over repetitions of ``value(a[i], b[i])``: each pair ran back to back, so a
+    drift in the machine's speed (large on shared virtual machines) hits both alike."""
+    return c.median([value(x, y) for x, y in zip(a, b, strict=True)
+                     if x.error is None and y.error is None])
+
+
+def speed_ratio(x: RequestResult, y: RequestResult) -> float | None:
+    return c.ratio(x.stream_tokens_per_s, y.stream_tokens_per_s)
+
+
+def ttft_added_ms(x: RequestResult, y: RequestResult) -> float | None:
+    return (x.ttft - y.ttft) * 1000 if x.ttft is not None and y.ttft is not None else None
+
+
+def compare(runs: dict[str, list[RequestResult]]) -> dict[str, float | None]:
+    """Ratios (and the TTFT difference) of paired repetitions, medians."""
+    base = runs[IN_PROCESS]
+    ours = runs.get("llmserve")
+    peer = runs.get("llama-server -np 1")
     if ours is None:
         return {}
     out: dict[str, float | None] = {
-        "llmserve_vs_in_process_tokens_per_s": c.ratio(ours["tokens_per_s"], base["tokens_per_s"]),
-        "llmserve_added_ttft_ms": (ours["ttft_ms"] - base["ttft_ms"]
-                                   if ours["ttft_ms"] is not None and base["ttft_ms"] is not None
-                                   else None),
+        "llmserve_vs_in_process_tokens_per_s": paired(ours, base, speed_ratio),
+        "llmserve_added_ttft_ms": paired(ours, base, ttft_added_ms),
     }
-    defaults = summary.get(IN_PROCESS_DEFAULTS)
+    defaults = runs.get(IN_PROCESS_DEFAULTS)
     if defaults is not None:
-        out["llmserve_vs_llama_defaults_tokens_per_s"] = c.ratio(ours["tokens_per_s"],
-                                                                defaults["tokens_per_s"])
+        out["llmserve_vs_llama_defaults_tokens_per_s"] = paired(ours, defaults, speed_ratio)
     if peer is not None:
-        out["llmserve_vs_llama_server_tokens_per_s"] = c.ratio(ours["tokens_per_s"],
-                                                              peer["tokens_per_s"])
-        out["llama_server_vs_in_process_tokens_per_s"] = c.ratio(peer["tokens_per_s"],
-                                                                base["tokens_per_s"])
+        out["llmserve_vs_llama_server_tokens_per_s"] = paired(ours, peer, speed_ratio)
+        out["llama_server_vs_in_process_tokens_per_s"] = paired(peer, base, speed_ratio)
+        out["llama_server_added_ttft_ms"] = paired(peer, base, ttft_added_ms)
     return out
 
 
@@ -197,6 +214,8 @@ def render(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None],
         ["llmserve − in-process TTFT",
          c.fmt(r.get("llmserve_added_ttft_ms"), 2, " ms"), "≤ 5 ms",
          c.verdict(r.get("llmserve_added_ttft_ms"), lambda v: v <= 5.0)],
+        ["llama-server − in-process TTFT",
+         c.fmt(r.get("llama_server_added_ttft_ms"), 2, " ms"), "(reported)", ""],
         ["llmserve / Llama defaults tokens/s",
          c.fmt(r.get("llmserve_vs_llama_defaults_tokens_per_s"), 3), "(reported)", ""],
         ["llmserve / llama-server tokens/s",
