@@ -182,3 +182,41 @@ async def test_push_all_hands_a_step_of_events_over_in_order_from_another_thread
     got_a, got_b = await asyncio.wait_for(asyncio.gather(seen(a), seen(b)), timeout=5)
     assert got_a == [e for s, e in events if s is a]
     assert got_b == [e for s, e in events if s is b]
+
+
+@pytest.mark.real
+async def test_cancelling_a_long_prompt_read_aborts_the_decode_midway(demo_model: Path) -> None:
+    """llama.cpp's abort callback stops a prompt read between graph nodes: the Finish comes
+    long before the chunk being read would have been done."""
+    import time
+
+    from llmserve.engine.engine import Engine
+
+    engine = await asyncio.to_thread(Engine.load, demo_model, n_ctx=4096)
+    try:
+        greedy = SamplingParams(temperature=0)
+        text = "The history of the sea and of the ships that sailed it. " * 200
+
+        async def read(tokens: list[int]) -> float:
+            started = time.perf_counter()
+            stream = engine.submit(GenerationRequest(prompt_tokens=tokens, max_tokens=1,
+                                                     sampling=greedy))
+            await _drain(stream)
+            return time.perf_counter() - started
+
+        # one full 512-token batch, timed (it also teaches the scheduler the prompt speed)
+        one_batch = await read(engine.tokenize("A " + text)[:512])
+        long_prompt = engine.tokenize("B " + text)[:2000]
+        stream = engine.submit(GenerationRequest(prompt_tokens=long_prompt, max_tokens=1,
+                                                 sampling=greedy))
+        await asyncio.sleep(0.03)  # inside the first 512-token chunk
+        stream.cancel()
+        cancelled_at = time.perf_counter()
+        _, finish = await asyncio.wait_for(_drain(stream), timeout=30)
+        waited = time.perf_counter() - cancelled_at
+        assert finish.reason == "cancelled"
+        assert waited < one_batch / 2, (waited, one_batch)
+        # the engine is free and reads a new prompt from scratch
+        assert await read(engine.tokenize("C short prompt")) < 5
+    finally:
+        await asyncio.to_thread(engine.close)

@@ -57,6 +57,10 @@ log = logging.getLogger("llmserve.engine")
 
 # While another slot generates, a step reads at most this many prompt tokens (see _step).
 PROMPT_CHUNK_WHILE_GENERATING = 128
+# A prompt read expected to take longer than this gets the abort callback (see _step); reads of
+# at least PROMPT_SPEED_MIN_TOKENS tokens measure the prompt speed that expectation uses.
+ABORT_CHECK_MIN_MS = 50.0
+PROMPT_SPEED_MIN_TOKENS = 16
 # A free slot's cache is reused only when it covers at least this share of the new prompt;
 # otherwise the least recently used slot is taken, so a long cached chat is not thrown away
 # for a shared BOS token (llama-server's --slot-prompt-similarity, default 0.1).
@@ -122,6 +126,8 @@ class Scheduler:
         self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         # Only the slots being read may abort a decode, and only when all of them are cancelled.
         self._abortable: list[_Job] = []
+        # decode time per batch token of recent prompt reads (None until one is seen)
+        self._ms_per_prompt_token: float | None = None
         # events for the event loop, handed over together at the end of each step
         self._outbox: list[tuple[GenerationStream, Event]] = []
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
@@ -362,18 +368,34 @@ class Scheduler:
             n += len(chunk)
         batch.n_tokens = n
 
-        if reading:
+        # llama.cpp calls the abort callback between graph nodes (hundreds per decode), and a
+        # Python callback takes the GIL each time: on a short read that costs more than waiting
+        # a step (measured: +2-4 ms to a 1-token re-read). So it is set only for reads expected
+        # to take longer than ABORT_CHECK_MIN_MS at the prompt speed seen so far.
+        n_read = sum(len(tokens) for _slot, _i, tokens in fed) - (len(fed) - len(reading))
+        abortable = bool(reading) and (
+            self._ms_per_prompt_token is None
+            or n_read * self._ms_per_prompt_token > ABORT_CHECK_MIN_MS
+        )
+        if abortable:
             self._abortable = reading
             llama_cpp.llama_set_abort_callback(self.model.ctx, self._abort_cb, None)
+        started = time.perf_counter()
         try:
             rc = llama_cpp.llama_decode(self.model.ctx, batch)
             if rc == 1 and self._drop_idle_caches():
                 # No room in the unified KV cache: give up idle slots' caches and try once more.
                 rc = llama_cpp.llama_decode(self.model.ctx, batch)
         finally:
-            if reading:
+            if abortable:
                 llama_cpp.llama_set_abort_callback(self.model.ctx, self._no_abort_cb, None)
                 self._abortable = []
+        if rc == 0 and n_read >= PROMPT_SPEED_MIN_TOKENS:
+            per_token = (time.perf_counter() - started) * 1000.0 / n
+            previous = self._ms_per_prompt_token
+            self._ms_per_prompt_token = (
+                per_token if previous is None else 0.5 * previous + 0.5 * per_token
+            )
 
         if rc != 0:
             self._decode_failed(rc, fed)
