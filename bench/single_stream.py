@@ -2,7 +2,8 @@
 llama.cpp's C++ llama-server — same prompt, same max_tokens, same threads, in one run.
 
 Each repetition runs every contender once, in turn (interleaved, so drift in the machine's load
-hits all of them alike; the order reverses every other repetition); one warm-up repetition is
+hits all of them alike; the order rotates each repetition), each request after the same idle
+--gap (llama.cpp's threads asleep, as when a user's request arrives); one warm-up repetition is
 discarded. The table gives each contender's medians; the ratios are medians of the ratios
 within each repetition (paired), which drift in the machine's speed does not skew. Every
 contender reuses its KV cache for the repeated prompt, so TTFT is the cost of the request path
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=7, help="measured repetitions (default 7)")
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--gap", type=float, default=1.0,
+                        help="idle seconds before each request (default 1)")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
                         help="HTTP client for the servers: raw (a minimal socket SSE reader, "
                         "default: least CPU taken from the server on a small machine) or httpx "
@@ -90,9 +93,11 @@ def main() -> None:
                 print(f"repetition {rep}/{args.reps}{' (warm-up)' if rep == 0 else ''}",
                       file=sys.stderr, flush=True)
                 order = [*in_process, *servers]
-                if rep % 2:  # alternate the order, so no contender always runs first
-                    order.reverse()
-                for name in order:
+                shift = rep % len(order)  # rotate, so no contender always runs first
+                for name in order[shift:] + order[:shift]:
+                    # every request meets the same idle machine, as a user's would: llama.cpp's
+                    # threads have gone to sleep, whoever ran last
+                    time.sleep(args.gap)
                     if name in in_process:
                         result = run_in_process(in_process[name], args.prompt, args.max_tokens)
                     elif args.client == "raw":
@@ -111,7 +116,7 @@ def main() -> None:
     ratios = compare(runs)
     data = {"benchmark": "single_stream", "run_id": rid, "machine": c.machine(),
             "config": {"model": str(model), "threads": args.threads, "ctx_size": args.ctx_size,
-                       "flash_attn": args.flash_attn, "client": args.client,
+                       "flash_attn": args.flash_attn, "client": args.client, "gap_s": args.gap,
                        "max_tokens": args.max_tokens, "reps": args.reps, "prompt": args.prompt},
             "summary": summary, "ratios": ratios,
             "runs": {name: [run_dict(r) for r in results] for name, results in runs.items()}}

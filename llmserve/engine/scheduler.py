@@ -19,8 +19,9 @@ order; after a slot's cache is trimmed and refilled, llama.cpp may place its new
 old ones, and logits then move by up to ~1.6 (measured; see tests/test_real_samplers.py), so a
 greedy near-tie can flip. llama-server behaves the same.
 
-Events leave the worker once per step (``GenerationStream.push_all``): one wake-up of the event
-loop for all the slots' tokens, not one per token.
+Events leave the worker in batches (``GenerationStream.push_all``): one wake-up of the event
+loop for all the slots' tokens of a step, and for a fast stream every STREAM_FLUSH_S rather
+than every token (a first token or a finish goes at once).
 
 Requests wait in ``_pending`` (FIFO) until a slot frees up; the bound on how many may wait is
 admission's job, in front of this. Cancellation is a flag on the stream: the loop checks it every
@@ -57,6 +58,9 @@ log = logging.getLogger("llmserve.engine")
 
 # While another slot generates, a step reads at most this many prompt tokens (see _step).
 PROMPT_CHUNK_WHILE_GENERATING = 128
+# Tokens after a stream's first are handed to the event loop at most this often (see _flush);
+# a first token or a finish goes at once.
+STREAM_FLUSH_S = 0.02
 # A prompt read expected to take longer than this gets the abort callback (see _step); reads of
 # at least PROMPT_SPEED_MIN_TOKENS tokens measure the prompt speed that expectation uses.
 ABORT_CHECK_MIN_MS = 50.0
@@ -130,6 +134,8 @@ class Scheduler:
         self._ms_per_prompt_token: float | None = None
         # events for the event loop, handed over together at the end of each step
         self._outbox: list[tuple[GenerationStream, Event]] = []
+        self._urgent = False
+        self._last_flush = 0.0
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
         self._no_abort_cb = llama_cpp.ggml_abort_callback()
         self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
@@ -210,7 +216,7 @@ class Scheduler:
                     else:
                         self._start(slot, item)
                 self._step()
-                self._flush()
+                self._flush(force=not any(s.job for s in self.slots))
         except Exception:  # pragma: no cover - a bug; fail everything rather than hang clients
             log.exception("engine loop crashed")
             for slot in self.slots:
@@ -229,7 +235,7 @@ class Scheduler:
             for slot in self.slots:
                 if slot.job:
                     self._finish(slot, "cancelled")
-            self._flush()
+            self._flush(force=True)
 
     def _take_pending(
         self,
@@ -447,9 +453,10 @@ class Scheduler:
         text = job.output.push(self.model.token_to_piece(token))
         if request.n_probs > 0:
             logprob, top = self._logprobs(index, token, request.n_probs)
-            self._emit(job.stream, TokenEvent(token, text, logprob, top))
+            self._emit(job.stream, TokenEvent(token, text, logprob, top),
+                       urgent=job.n_generated == 1)
         else:
-            self._emit(job.stream, TokenEvent(token, text))
+            self._emit(job.stream, TokenEvent(token, text), urgent=job.n_generated == 1)
         if job.output.stop_word is not None:
             self._finish(slot, "stop")
         elif job.n_generated >= request.max_tokens or len(slot.cached) >= self.model.n_ctx:
@@ -508,13 +515,23 @@ class Scheduler:
             )
         )
 
-    def _emit(self, stream: GenerationStream, event: Event) -> None:
+    def _emit(self, stream: GenerationStream, event: Event, *, urgent: bool = True) -> None:
         self._outbox.append((stream, event))
+        self._urgent = self._urgent or urgent
 
-    def _flush(self) -> None:
-        if self._outbox:
-            events, self._outbox = self._outbox, []
-            GenerationStream.push_all(events)
+    def _flush(self, *, force: bool = False) -> None:
+        """Hand the outbox to the event loop: at once for anything urgent (a first token, a
+        finish), else at most every STREAM_FLUSH_S, so a fast stream wakes the loop (and the
+        socket) once per few tokens rather than per token."""
+        if not self._outbox:
+            return
+        now = time.perf_counter()
+        if not (force or self._urgent or now - self._last_flush >= STREAM_FLUSH_S):
+            return
+        events, self._outbox = self._outbox, []
+        self._urgent = False
+        self._last_flush = now
+        GenerationStream.push_all(events)
 
     def _drop_idle_caches(self) -> bool:
         """Free the cells idle slots keep as prompt caches; False when there were none."""
