@@ -386,6 +386,8 @@ class Scheduler:
         if abortable:
             self._abortable = reading
             llama_cpp.llama_set_abort_callback(self.model.ctx, self._abort_cb, None)
+        if reading:
+            self._flush(force=True)  # held tokens must not wait through a prompt read
         started = time.perf_counter()
         try:
             rc = llama_cpp.llama_decode(self.model.ctx, batch)
