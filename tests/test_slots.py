@@ -4,7 +4,10 @@ tokens on the real model (tier 3, in process)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,6 +21,21 @@ from llmserve.engine.types import (
     TokenEvent,
 )
 from llmserve.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from llmserve.engine.engine import Engine
+
+
+@contextlib.asynccontextmanager
+async def loaded_engine(model: Path, **options: Any) -> AsyncIterator[Engine]:
+    """The real engine on ``model``, loaded and closed off the event loop."""
+    from llmserve.engine.engine import Engine
+
+    engine = await asyncio.to_thread(Engine.load, model, **options)
+    try:
+        yield engine
+    finally:
+        await asyncio.to_thread(engine.close)
 
 
 def slot(seq_id: int, cached: list[int], last_used: float) -> Slot:
@@ -61,10 +79,7 @@ def test_parallel_beyond_the_context_is_refused(parallel: int, n_ctx: int) -> No
 async def test_a_long_prompt_is_read_between_the_tokens_of_a_running_stream(
     demo_model: Path,
 ) -> None:
-    from llmserve.engine.engine import Engine
-
-    engine = await asyncio.to_thread(Engine.load, demo_model, n_ctx=2048, n_parallel=2)
-    try:
+    async with loaded_engine(demo_model, n_ctx=2048, n_parallel=2) as engine:
         greedy = SamplingParams(temperature=0, ignore_eos=True)
         running = engine.submit(GenerationRequest(
             prompt_tokens=engine.tokenize("Count: 1, 2, 3,"), max_tokens=400, sampling=greedy))
@@ -88,8 +103,6 @@ async def test_a_long_prompt_is_read_between_the_tokens_of_a_running_stream(
         # running stream per chunk
         assert tokens_meanwhile >= 1500 // PROMPT_CHUNK_WHILE_GENERATING - 2, tokens_meanwhile
         running.cancel()
-    finally:
-        await asyncio.to_thread(engine.close)
 
 
 async def _drain(stream: GenerationStream) -> tuple[int, Finish]:
@@ -108,10 +121,7 @@ async def test_slots_that_outgrow_the_shared_context_are_preempted_not_cut_short
 ) -> None:
     """Two slots of 400 tokens each cannot both fit in a 512-token context: the newer one is
     preempted, waits, re-reads what it had and finishes in full after the older one."""
-    from llmserve.engine.engine import Engine
-
-    engine = await asyncio.to_thread(Engine.load, demo_model, n_ctx=512, n_parallel=2)
-    try:
+    async with loaded_engine(demo_model, n_ctx=512, n_parallel=2) as engine:
         greedy = SamplingParams(temperature=0, ignore_eos=True)
         streams = [
             engine.submit(GenerationRequest(prompt_tokens=engine.tokenize(text), max_tokens=400,
@@ -129,18 +139,13 @@ async def test_slots_that_outgrow_the_shared_context_are_preempted_not_cut_short
             assert tokens >= 399  # one event per token (a held-back piece may merge two)
         assert engine.scheduler.queued == 0
         assert engine.busy_slots == 0
-    finally:
-        await asyncio.to_thread(engine.close)
 
 
 @pytest.mark.real
 async def test_a_preempted_request_whose_client_leaves_is_dropped_from_the_queue(
     demo_model: Path,
 ) -> None:
-    from llmserve.engine.engine import Engine
-
-    engine = await asyncio.to_thread(Engine.load, demo_model, n_ctx=512, n_parallel=2)
-    try:
+    async with loaded_engine(demo_model, n_ctx=512, n_parallel=2) as engine:
         greedy = SamplingParams(temperature=0, ignore_eos=True)
         older = engine.submit(GenerationRequest(
             prompt_tokens=engine.tokenize("Count: 1, 2, 3,"), max_tokens=450, sampling=greedy))
@@ -160,8 +165,6 @@ async def test_a_preempted_request_whose_client_leaves_is_dropped_from_the_queue
         _, older_finish = await asyncio.wait_for(older_done, timeout=60)
         assert older_finish.reason == "length" and older_finish.completion_tokens == 450
         assert engine.scheduler.queued == 0
-    finally:
-        await asyncio.to_thread(engine.close)
 
 
 async def test_push_all_hands_a_step_of_events_over_in_order_from_another_thread() -> None:
@@ -190,10 +193,7 @@ async def test_cancelling_a_long_prompt_read_aborts_the_decode_midway(demo_model
     long before the chunk being read would have been done."""
     import time
 
-    from llmserve.engine.engine import Engine
-
-    engine = await asyncio.to_thread(Engine.load, demo_model, n_ctx=4096)
-    try:
+    async with loaded_engine(demo_model, n_ctx=4096) as engine:
         greedy = SamplingParams(temperature=0)
         text = "The history of the sea and of the ships that sailed it. " * 200
 
@@ -218,5 +218,3 @@ async def test_cancelling_a_long_prompt_read_aborts_the_decode_midway(demo_model
         assert waited < one_batch / 2, (waited, one_batch)
         # the engine is free and reads a new prompt from scratch
         assert await read(engine.tokenize("C short prompt")) < 5
-    finally:
-        await asyncio.to_thread(engine.close)

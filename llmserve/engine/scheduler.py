@@ -97,7 +97,6 @@ class _Job:
     # sampled tokens, in order; the last one is ``next_token`` while that waits to be fed
     generated: list[int] = field(default_factory=list)
     next_token: int | None = None
-    preemptions: int = 0
 
 
 @dataclass
@@ -290,10 +289,11 @@ class Scheduler:
         token, whose logits are needed); return how many cached tokens stay."""
         keep = common_prefix_len(slot.cached, tokens)
         if keep == len(tokens):
-            keep -= 1
+            keep -= 1  # the last token must be decoded again to get its logits
         if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(
             self.model.memory, slot.seq_id, keep, -1
         ):
+            # Some caches (recurrent models) cannot drop a tail: start the sequence over.
             llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
             keep = 0
         del slot.cached[keep:]
@@ -315,7 +315,6 @@ class Scheduler:
             job.to_read = job.prompt + job.generated
             job.next_token = None
         job.n_fed = 0
-        job.preemptions += 1
         llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
         slot.cached.clear()
         slot.job = None
