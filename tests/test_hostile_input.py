@@ -6,6 +6,7 @@ carries NaN or Infinity."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -19,11 +20,10 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 import llmserve
-from llmserve.engine.types import GenerationStream, TokenEvent
+from llmserve.engine.types import Finish, GenerationStream, Timings, TokenEvent
 from llmserve.server import sse
 from llmserve.server.requests import MAX_JSON_DEPTH
 from tests.fakes import FakeEngine
-from tests.test_openai_routes import sse_payloads
 
 LONE = "\ud800"
 CHAT = [{"role": "user", "content": "hi"}]
@@ -210,8 +210,8 @@ def test_every_json_dumps_in_the_server_refuses_nan() -> None:
 
 
 class NanEngine(FakeEngine):
-    """Scripted tokens whose log-probability is NaN: a bug upstream must not become a
-    non-JSON byte on the wire."""
+    """Log-probabilities and timings that are NaN or infinite: a bug upstream must not become
+    a byte that is not JSON on the wire."""
 
     def _run(self, stream: GenerationStream, script: Any) -> None:
         push = stream.push
@@ -220,41 +220,60 @@ class NanEngine(FakeEngine):
             if isinstance(event, TokenEvent) and event.logprob is not None:
                 event = TokenEvent(event.token_id, event.text, math.nan,
                                    tuple((t, math.inf) for t, _ in event.top_logprobs))
+            elif isinstance(event, Finish):
+                event = dataclasses.replace(event, timings=Timings(prompt_ms=math.nan,
+                                                                   predicted_ms=math.inf))
             push(event)
 
         stream.push = poisoned  # type: ignore[method-assign]
         super()._run(stream, script)
 
 
-def _is_strict_json(text: str) -> bool:
+def _strict_json(text: str) -> Any:
     def refuse(name: str) -> Any:
-        raise ValueError(name)
+        raise AssertionError(f"{name} on the wire: {text}")
 
-    try:
-        json.loads(text, parse_constant=refuse)
-    except ValueError:
-        return False
-    return True
+    return json.loads(text, parse_constant=refuse)
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/completion", {"prompt": "hi", "n_predict": 4, "n_probs": 2}),
-    ("/completion", {"prompt": "hi", "n_predict": 4, "n_probs": 2, "stream": True}),
-], ids=["completion", "completion-stream"])
-def test_a_nan_becomes_a_logged_500_never_a_nan_on_the_wire(
-    make_app: Callable[..., Starlette], path: str, body: dict[str, Any],
-    caplog: pytest.LogCaptureFixture,
+# (path, body, whether the route reports the poisoned numbers and so must fail)
+GENERATING = [
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 4}, True),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4}, True),
+    ("/completion", {"prompt": "hi", "n_predict": 4, "n_probs": 2}, True),
+    ("/api/v1/generate", {"prompt": "hi", "max_length": 4}, False),
+    ("/generate", {"prompt": "hi", "max_length": 4}, False),
+    ("/chat", {"messages": CHAT, "max_length": 4}, False),
+    ("/generate/batch", {"prompts": ["hi"], "max_length": 4}, False),
+]
+STREAMING = {"/api/v1/generate": "/api/extra/generate/stream"}
+
+
+@pytest.mark.parametrize(("path", "body", "reports", "stream"), [
+    *((path, body, reports, False) for path, body, reports in GENERATING),
+    *((path, body, reports, True) for path, body, reports in GENERATING
+      if path != "/generate/batch"),  # it does not stream
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_no_route_emits_nan_or_infinity(
+    make_app: Callable[..., Starlette], path: str, body: dict[str, Any], reports: bool,
+    stream: bool, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    if stream:
+        path, body = STREAMING.get(path, path), {**body, "stream": True}
     with TestClient(make_app(NanEngine()), raise_server_exceptions=False) as c:
         r = c.post(path, json=body)
-        for token in ("NaN", "Infinity"):
-            assert token not in r.text
-        if body.get("stream"):
-            assert r.status_code == 200
-            events = sse_payloads(r.text)
-            assert all(_is_strict_json(json.dumps(e, allow_nan=False)) for e in events)
-            assert events[-1]["error"]["type"] == "server_error"
-        else:
-            assert r.status_code == 500
-            assert r.json()["error"]["type"] == "server_error"
+    if not stream:
+        _strict_json(r.text)
+        assert r.status_code == (500 if reports else 200), r.text
+    else:
+        assert r.status_code == 200
+        datas = [line[len("data: "):] for line in r.text.splitlines()
+                 if line.startswith("data: ")]
+        # JSON events, or the seed's plain-text ones; the fake's tokens never start with "{"
+        payloads = [_strict_json(d) for d in datas if d.startswith("{")]
+        errors = [p for p in payloads if isinstance(p, dict) and "error" in p]
+        assert bool(errors) == reports, r.text
+        if reports:
+            assert errors[-1]["error"]["type"] == "server_error"
+    if reports:  # a bug: logged with its cause
         assert any(rec.levelname == "ERROR" for rec in caplog.records)
