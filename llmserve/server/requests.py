@@ -11,9 +11,10 @@ for all of them, before anything else sees the data:
 
 Both checks start with a scan of the raw bytes in C and walk the parsed body only when that
 scan finds something: more brackets than the limit, or an escape that may be a lone surrogate.
-Cost, measured on a 20 KB chat body (41 messages) whose text holds 516 brackets, so the depth
-walk runs: ~50 µs over ``json.loads``' ~40 µs; ~100 µs when its ~340 emoji are sent escaped
-(surrogate pairs, Python's default). A body with few brackets pays only the scans (~30 µs).
+Cost, measured with timeit on 18-20 KB chat bodies (41 messages; json.loads alone 40-80 µs,
+as the shared 2-core VM's load varies): +30 µs when only the scans run; +40-85 µs when the text
+holds 516 brackets, so the depth walk runs; +100-145 µs when ~340 emoji also arrive escaped
+(surrogate pairs, Python's default), which the lone-surrogate scan must look at.
 """
 
 from __future__ import annotations
