@@ -9,6 +9,8 @@ CLI turns them into one line and a non-zero exit. Nothing else maps exceptions t
     LlmserveError                      500 server_error
     ├── InvalidRequest                 400 invalid_request_error     (param names the field)
     │   ├── ContextLengthExceeded      400 context_length_exceeded   (413 on the native routes)
+    │   ├── GrammarDeadEnd             400 grammar_dead_end          (the request's constraints
+    │   │                                                             leave no token to sample)
     │   └── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
     ├── AuthenticationError            401 invalid_api_key
     ├── ModelNotFound                  404 model_not_found
@@ -78,6 +80,15 @@ class ContextLengthExceeded(InvalidRequest):
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.n_ctx = n_ctx
+
+
+class GrammarDeadEnd(InvalidRequest):
+    """The request's own constraints leave no token to sample: its grammar allows nothing more
+    while ``ignore_eos`` (or its ``logit_bias``) bans the end of generation, which is all a
+    complete match allows. Raised before generating where that can be known, else at the token
+    where it happens (mid-stream it reaches the client as an error event)."""
+
+    code = "grammar_dead_end"
 
 
 class ModelLoadError(InvalidRequest):

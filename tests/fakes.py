@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
+from llmserve.engine.grammar_bound import check_can_end
 from llmserve.engine.sampling import VocabFacts, compile_params
 from llmserve.engine.types import (
     Finish,
@@ -83,6 +84,7 @@ class FakeEngine:
         return compile_params(params, VocabFacts(n_vocab=0x110000, n_ctx=self.n_ctx))
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
+        check_can_end(request)  # the engine contract: refused before anything is generated
         self.requests.append(request)
         stream = GenerationStream(request, asyncio.get_running_loop())
         threading.Thread(target=self._run, args=(stream, self.script), daemon=True).start()

@@ -11,6 +11,7 @@ from typing import Any
 
 from llmserve.engine import sampling
 from llmserve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
+from llmserve.engine.grammar_bound import check_can_end
 from llmserve.engine.model import LoadedModel, check_parallel, supports_gpu_offload
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.types import (
@@ -136,6 +137,7 @@ class Engine:
         return sampling.prepare(params, self.model)
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
+        check_can_end(request)  # a grammar that ignore_eos makes a dead end: 400 before a token
         stream = GenerationStream(request, asyncio.get_running_loop())
         self.scheduler.submit(stream)
         return stream

@@ -41,7 +41,7 @@ import numpy as np
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from llmserve.engine.types import SamplingParams
-from llmserve.errors import InvalidRequest
+from llmserve.errors import GrammarDeadEnd, InvalidRequest
 
 if TYPE_CHECKING:
     from llmserve.engine.model import LoadedModel
@@ -295,6 +295,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, model: LoadedModel) -> None:
         self.plan = plan_chain(params, vocab=vocab_facts(model))
         self._n_vocab = model.n_vocab
+        self._ignore_eos = params.ignore_eos
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self._chain: Any = llama_cpp.llama_sampler_chain_init(chain_params)
@@ -368,7 +369,8 @@ class Sampler:
                 llama_cpp.llama_sampler_accept(self._chain, token)
 
     def sample(self, ctx: Any, index: int) -> int:
-        """Sample from the logits of batch position ``index`` and accept the token."""
+        """Sample from the logits of batch position ``index`` and accept the token. Raises
+        GrammarDeadEnd when the grammar and the request's bans leave no token."""
         if self._grammar is None:
             return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
         token = self._sample_constrained(ctx, index)
@@ -399,8 +401,19 @@ class Sampler:
             llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(arr))
         llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
         if arr.selected < 0 or arr.data[arr.selected].logit == -math.inf:
-            raise RuntimeError("the grammar allows no token here")
+            raise self._dead_end()
         return int(arr.data[arr.selected].id)
+
+    def _dead_end(self) -> GrammarDeadEnd:
+        # Only the request's own constraints remove tokens outright (the grammar, logit_bias
+        # bans, ignore_eos): the samplers after them always keep one.
+        why = ("; ignore_eos bans the end of generation, which is all a complete match allows"
+               if self._ignore_eos else
+               " (logit_bias bans every token it allows, or no token spells what it requires)")
+        return GrammarDeadEnd(
+            f"invalid 'grammar': after the text generated so far it allows no token{why}",
+            param="grammar",
+        )
 
     def free(self) -> None:
         if self._chain is not None:

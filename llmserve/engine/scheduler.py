@@ -52,6 +52,7 @@ from llmserve.engine.types import (
     Timings,
     TokenEvent,
 )
+from llmserve.errors import LlmserveError
 
 log = logging.getLogger("llmserve.engine")
 
@@ -269,6 +270,9 @@ class Scheduler:
         keep = self._keep_prefix(slot, prompt)
         try:
             sampler = Sampler(stream.request.sampling, self.model)
+        except LlmserveError as exc:  # the request's fault: its client gets this error
+            self._emit(stream, Finish("error", len(prompt), 0, error=exc.message, cause=exc))
+            return
         except Exception as exc:
             log.exception("could not start a generation")
             self._emit(stream, Finish("error", len(prompt), 0, error=str(exc)))
@@ -428,6 +432,10 @@ class Scheduler:
                 job.t_prompt_done = now
             try:
                 self._sample(slot, index)
+            except LlmserveError as exc:  # its constraints left no token: the client's error
+                log.info("generation ended on a client error: %s", exc.message)
+                if slot.job:
+                    self._finish(slot, "error", error=exc.message, cause=exc)
             except Exception as exc:  # one request's sampler failing must not stop the others
                 log.exception("sampling failed")
                 if slot.job:
@@ -482,14 +490,16 @@ class Scheduler:
             tuple((int(t), float(logits[t] - log_z)) for t in top),
         )
 
-    def _finish(self, slot: Slot, reason: FinishReason, *, error: str | None = None) -> None:
+    def _finish(self, slot: Slot, reason: FinishReason, *, error: str | None = None,
+                cause: LlmserveError | None = None) -> None:
         job = slot.job
         assert job is not None
         slot.job = None
         slot.last_used = time.perf_counter()
-        self._end(job, reason, error=error)
+        self._end(job, reason, error=error, cause=cause)
 
-    def _end(self, job: _Job, reason: FinishReason, *, error: str | None = None) -> None:
+    def _end(self, job: _Job, reason: FinishReason, *, error: str | None = None,
+             cause: LlmserveError | None = None) -> None:
         job.sampler.free()
         if reason in ("stop", "length"):
             rest = job.output.flush()
@@ -513,6 +523,7 @@ class Scheduler:
                     cache_n=job.n_cached,
                 ),
                 error=error,
+                cause=cause,
             )
         )
 

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from llmserve.errors import LlmserveError
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -112,6 +114,8 @@ class Finish:
     stop_word: str | None = None
     timings: Timings = field(default_factory=Timings)
     error: str | None = None
+    # an error the client should see as it is (a 4xx from the error tree), not as engine_error
+    cause: LlmserveError | None = None
 
 
 Event = TokenEvent | Finish
@@ -235,7 +239,10 @@ class EngineProtocol(Protocol):
         event loop, before submitting, so a bad grammar never reaches the worker thread."""
         ...
 
-    def submit(self, request: GenerationRequest) -> GenerationStream: ...
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        """Queue ``request``. Raises GrammarDeadEnd, before anything is generated, when its
+        grammar and ``ignore_eos`` make an end impossible (``grammar_bound.check_can_end``)."""
+        ...
 
     def slot_states(self) -> list[SlotState]: ...
 

@@ -143,11 +143,9 @@ class Interrupted(Finish):
     """The server ended the generation (``Generation.abort``); routes meet ``cause`` as an
     exception: a JSON error, or an SSE error event then [DONE]."""
 
-    cause: LlmserveError | None = None
-
 
 def check_finish(finish: Finish) -> Finish:
-    if isinstance(finish, Interrupted) and finish.cause is not None:
+    if finish.cause is not None:
         raise finish.cause
     if finish.reason == "error":
         raise EngineError(f"generation failed: {finish.error or 'engine error'}")

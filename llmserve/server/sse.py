@@ -26,8 +26,12 @@ DONE = b"data: [DONE]\n\n"
 
 
 def event(payload: Mapping[str, Any] | str, *, name: str | None = None) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
-                                                                separators=(",", ":"))
+    """One ``data:`` event. Raises ValueError for a payload that JSON cannot carry (NaN,
+    Infinity; a lone surrogate fails the encode): that is a bug, and the routes' mid-stream
+    error path logs it and sends a 500 error event instead of a byte that is not JSON."""
+    data = payload if isinstance(payload, str) else json.dumps(
+        payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+    )
     head = f"event: {name}\n" if name else ""
     return f"{head}data: {data}\n\n".encode()
 
