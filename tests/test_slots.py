@@ -1,18 +1,25 @@
-"""Slot choice and the --parallel limit (tier 1), and a long prompt read between other slots'
-tokens on the real model (tier 3, in process)."""
+"""Slot choice, prompt chunks and the --parallel limit (tier 1); on the real model (tier 3), a
+long prompt read between other slots' tokens, preemption, and a prompt resent after its turn
+was cancelled finding its cache (in process, and over HTTP as a client does it)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from llmserve.engine.model import MIN_CTX_PER_SLOT, check_parallel
-from llmserve.engine.scheduler import PROMPT_CHUNK_WHILE_GENERATING, Slot, choose_slot
+from llmserve.engine.placement import (
+    PROMPT_CHUNK_WHILE_GENERATING,
+    choose_slot,
+    longest_prefix,
+    prompt_chunk,
+)
 from llmserve.engine.types import (
     Finish,
     GenerationRequest,
@@ -38,8 +45,17 @@ async def loaded_engine(model: Path, **options: Any) -> AsyncIterator[Engine]:
         await asyncio.to_thread(engine.close)
 
 
+@dataclass
+class Slot:
+    """What placement reads of a scheduler slot."""
+
+    seq_id: int
+    cached: list[int]
+    last_used: float
+
+
 def slot(seq_id: int, cached: list[int], last_used: float) -> Slot:
-    return Slot(seq_id, cached=cached, last_used=last_used)
+    return Slot(seq_id, cached, last_used)
 
 
 def test_the_slot_with_the_longest_shared_prefix_wins() -> None:
@@ -59,6 +75,52 @@ def test_ties_go_to_the_least_recently_used() -> None:
     old, recent = slot(0, [7, 8], 1.0), slot(1, [7, 8], 9.0)
     assert choose_slot([recent, old], [7, 8, 9]) is old
     assert choose_slot([recent, old], [5, 6]) is old
+
+
+HISTORY = list(range(1, 1501))
+
+
+def test_a_turn_resent_after_a_cancel_takes_the_slot_that_holds_its_history() -> None:
+    # the cancelled turn's slot was freed a moment ago (most recently used); the other is cold
+    cancelled = slot(0, [*HISTORY, 9001, 9002], last_used=10.0)
+    cold = slot(1, [], last_used=1.0)
+    assert choose_slot([cancelled, cold], [*HISTORY, 7, 8, 9]) is cancelled
+
+
+def test_a_prefix_held_by_a_busy_slot_sends_the_request_to_the_least_recently_used_free_one(
+) -> None:
+    # the previous turn still streams (its client's disconnect not seen yet): the request can
+    # share those cells, so the free slot whose own cache is worth least is given up for them
+    streaming = slot(0, [*HISTORY, 9001], last_used=10.0)
+    other_chat = slot(1, [*HISTORY[:300], 5, 5, 5], last_used=5.0)
+    stale = slot(2, [4, 4, 4], last_used=1.0)
+    prompt = [*HISTORY, 7, 8]
+    assert choose_slot([other_chat, stale], prompt, [streaming]) is stale
+    assert longest_prefix([other_chat, streaming, stale], prompt) == (streaming, len(HISTORY))
+
+
+def test_a_free_slot_with_the_longest_prefix_keeps_it_over_a_busy_one() -> None:
+    busy = slot(0, HISTORY[:800], last_used=10.0)
+    own = slot(1, HISTORY, last_used=5.0)
+    cold = slot(2, [], last_used=1.0)
+    assert choose_slot([own, cold], [*HISTORY, 7], [busy]) is own
+
+
+def test_longest_prefix_of_nothing_shared() -> None:
+    assert longest_prefix([slot(0, [1, 2], 0.0), slot(1, [], 0.0)], [3, 4]) == (None, 0)
+    assert longest_prefix([], [3, 4]) == (None, 0)
+
+
+@pytest.mark.parametrize(
+    ("n_batch", "n_generating", "chunk"),
+    [(512, 0, 512), (2048, 0, 2048), (512, 1, PROMPT_CHUNK_WHILE_GENERATING),
+     (512, 8, PROMPT_CHUNK_WHILE_GENERATING), (64, 1, 63)],
+    ids=["alone", "alone-big-batch", "beside-one-stream", "beside-eight", "small-batch"],
+)
+def test_a_prompt_is_read_in_whole_batches_alone_and_in_small_chunks_beside_streams(
+    n_batch: int, n_generating: int, chunk: int,
+) -> None:
+    assert prompt_chunk(n_batch, n_generating) == chunk
 
 
 @pytest.mark.parametrize(
