@@ -61,6 +61,7 @@ import numpy as np
 from llmserve.engine.model import LoadedModel
 from llmserve.engine.output_text import OutputText
 from llmserve.engine.placement import (
+    MIN_REUSE_FRACTION,
     choose_slot,
     common_prefix_len,
     longest_prefix,
@@ -314,7 +315,9 @@ class Scheduler:
         own (trimmed to it), or another slot's cells shared into it; return its length."""
         donor, shared = longest_prefix(self._donors([slot]), tokens)
         keep = min(shared, len(tokens) - 1)  # the last token is decoded again for its logits
-        if donor is None or keep <= common_prefix_len(slot.cached, tokens):
+        if (donor is None or keep <= common_prefix_len(slot.cached, tokens)
+                or keep < MIN_REUSE_FRACTION * len(tokens)):
+            # a shared BOS token or two is not worth tying two sequences' cells together
             return self._keep_prefix(slot, tokens)
         llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
         llama_cpp.llama_memory_seq_cp(self.model.memory, donor.seq_id, slot.seq_id, 0, keep)
