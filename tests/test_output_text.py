@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmserve.engine.output_text import OutputText
-from llmserve.engine.scheduler import common_prefix_len
+from llmserve.engine.placement import common_prefix_len
 
 
 def feed(out: OutputText, pieces: list[bytes]) -> str:
