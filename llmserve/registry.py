@@ -31,7 +31,7 @@ import anyio.to_thread
 from llmserve.config import ModelSpec, model_id_from_file
 from llmserve.engine.types import EngineProtocol, ModelInfo
 from llmserve.errors import ModelLoading, ModelNotFound, NoModelLoaded
-from llmserve.server.admission import Admission, Ticket
+from llmserve.admission import Admission, Ticket
 
 log = logging.getLogger("llmserve.registry")
 
