@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from llmserve.engine import sampling
+from llmserve.engine import sampler
 from llmserve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.engine.model import LoadedModel, check_parallel, supports_gpu_offload
 from llmserve.engine.scheduler import Scheduler
@@ -133,7 +133,7 @@ class Engine:
         return self.model.detokenize(tokens)
 
     def prepare_sampling(self, params: SamplingParams) -> SamplingParams:
-        return sampling.prepare(params, self.model)
+        return sampler.prepare(params, self.model)
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         stream = GenerationStream(request, asyncio.get_running_loop())
@@ -142,6 +142,10 @@ class Engine:
 
     def slot_states(self) -> list[SlotState]:
         return self.scheduler.slot_states()
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.scheduler.failure
 
     @property
     def busy_slots(self) -> int:
