@@ -66,6 +66,9 @@ def client(make_app: Callable[..., Starlette], engine: FakeEngine) -> Iterator[T
 
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+# A fast test that needs llama_cpp importable but no model (the JSON-schema converter, the build
+# info): it stays in the fast tier, and skips where llama.cpp is not compiled.
+requires_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA, reason="needs llama_cpp (llama-cpp-python)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from llmserve.engine.output_text import OutputText
-from llmserve.engine.scheduler import common_prefix_len
 
 
 def feed(out: OutputText, pieces: list[bytes]) -> str:
@@ -49,4 +48,7 @@ def test_partial_stop_is_held_back_until_resolved() -> None:
                       ([5], [6], 0)],
 )
 def test_common_prefix_len(a: list[int], b: list[int], n: int) -> None:
+    pytest.importorskip("llama_cpp", reason="it lives in the scheduler, which imports llama_cpp")
+    from llmserve.engine.scheduler import common_prefix_len
+
     assert common_prefix_len(a, b) == n

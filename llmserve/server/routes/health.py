@@ -15,19 +15,19 @@ from llmserve.server.state import AppState
 
 
 def _model(status: ModelStatus) -> dict[str, object]:
-    if status.state == "loading":
-        return {"id": status.spec.id, "state": "loading"}
     return {"id": status.spec.id, "state": "failed" if status.failed else "ready",
             "slots": status.slots, "slots_busy": status.slots_busy, "queued": status.queued}
 
 
 async def health(request: Request) -> JSONResponse:
-    statuses = [s for s in AppState.of(request).host.statuses() if s.state != "not-loaded"]
-    loaded = [s for s in statuses if s.state == "loaded"]
+    host = AppState.of(request).host
+    loaded = [s for s in host.statuses() if s.state == "loaded"]
+    # host.loading, not the statuses: a model loaded by path is known only once it has loaded
+    loading = host.loading
     failed = [s.spec.id for s in loaded if s.failed]
     body: dict[str, object] = {
         "status": "ok",
-        "models": [_model(s) for s in statuses],
+        "models": [_model(s) for s in loaded] + [{"id": m, "state": "loading"} for m in loading],
         "slots_busy": sum(s.slots_busy for s in loaded),
         "queued": sum(s.queued for s in loaded),
     }
@@ -35,7 +35,7 @@ async def health(request: Request) -> JSONResponse:
         body["status"] = "failed"
         body["failed"] = failed
     elif not loaded:
-        body["status"] = "loading" if statuses else "no_model"
+        body["status"] = "loading" if loading else "no_model"
     else:
         return JSONResponse(body)
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
