@@ -457,3 +457,87 @@ async def test_health_says_loading_while_the_only_model_loads(
         assert busy.status_code == 503 and busy.json()["error"]["code"] == "model_loading"
         loader.gate.set()
         assert (await asyncio.wait_for(chat, 5)).status_code == 200
+
+
+# -- over HTTP: two models measured alike; a dead engine is seen ---------------------------------
+
+
+def test_metrics_and_health_show_every_loaded_model(make_app: Callable[..., Starlette]) -> None:
+    from tests.test_observability import samples, value
+
+    loader = FakeLoader()
+    app = make_app(loader=loader, specs=[spec("a"), spec("b")], max_loaded_models=2)
+    with TestClient(app) as client:
+        for model in ("a", "b"):
+            assert client.post("/v1/completions",
+                               json={"prompt": "x", "model": model}).status_code == 200
+        m = samples(client.get("/metrics").text)
+        assert value(m, "llmserve_loaded_models") == 2
+        for name in ("llmserve_slots", "llmserve_slots_busy", "llmserve_queue_depth",
+                     "llmserve_model_load_seconds", "llmserve_model_failed"):
+            assert {labels for n, labels in m if n == name} == {
+                (("model", "a"),), (("model", "b"),)}, name
+        assert value(m, "llmserve_slots", model="b") == 1
+        health = client.get("/health").json()
+        assert health["status"] == "ok"
+        assert [(h["id"], h["state"]) for h in health["models"]] == [("a", "ready"),
+                                                                      ("b", "ready")]
+
+
+def test_a_dead_engine_is_503_model_failed_and_health_names_it_until_reloaded(
+    make_app: Callable[..., Starlette], caplog: pytest.LogCaptureFixture,
+) -> None:
+    loader = FakeLoader()
+    app = make_app(loader=loader, specs=[spec("a"), spec("b")], max_loaded_models=2)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for model in ("a", "b"):
+            assert client.post("/v1/chat/completions",
+                               json={**CHAT, "model": model}).status_code == 200
+        loader.engine("a").kill(RuntimeError("GGML_ASSERT(secret llama.cpp detail) failed"))
+        health = client.get("/health")
+        assert health.status_code == 503 and "retry-after" in health.headers
+        body = health.json()
+        assert body["status"] == "failed" and body["failed"] == ["a"]
+        assert [(h["id"], h["state"]) for h in body["models"]] == [("a", "failed"),
+                                                                    ("b", "ready")]
+        r = client.post("/v1/chat/completions", json={**CHAT, "model": "a"})
+        assert r.status_code == 503 and "retry-after" in r.headers
+        error = r.json()["error"]
+        assert error["code"] == "model_failed" and "a" in error["message"]
+        assert "GGML" not in r.text
+        # b never stopped serving; a comes back on its own, reloaded by that request
+        assert client.post("/v1/chat/completions",
+                           json={**CHAT, "model": "b"}).status_code == 200
+        wait_until(lambda: client.get("/health").status_code == 200, what="a's reload")
+        r = client.post("/v1/chat/completions", json={**CHAT, "model": "a"})
+        assert r.status_code == 200 and r.json()["model"] == "a"
+    assert loader.loads == ["a", "b", "a"] and loader.engines[0].closed
+    assert len([r for r in caplog.records if "secret llama.cpp detail" in r.getMessage()]) == 1
+
+
+def test_a_stream_in_flight_when_the_engine_dies_ends_with_an_error_event(
+    make_app: Callable[..., Starlette],
+) -> None:
+    engine = FakeEngine(script=Script(tokens=("tok",) * 200, delay=0.01))
+    app = make_app(engine)
+    with TestClient(app, raise_server_exceptions=False) as client, client.stream(
+        "POST", "/v1/chat/completions", json={**CHAT, "stream": True}
+    ) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        engine.kill()
+        rest = [line for line in lines if line.startswith("data:")]
+    assert rest[-1] == "data: [DONE]"
+    assert '"error"' in rest[-2] and "GGML" not in rest[-2]
+
+
+def test_post_load_reloads_a_failed_model(two_models: tuple[TestClient, FakeLoader]) -> None:
+    client, loader = two_models
+    with client:
+        assert client.post("/v1/models/load", json={"model": "a"}).status_code == 200
+        loader.engine("a").kill()
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/models/load", json={"model": "a"})
+        assert r.status_code == 200 and r.json()["model"]["state"] == "loaded"
+        assert client.get("/health").status_code == 200
+        assert loader.loads == ["a", "a"]
