@@ -55,6 +55,8 @@ class FakeEngine:
     closed: bool = False
     chats: list[list[dict[str, Any]]] = field(default_factory=list)
     running: list[GenerationRequest] = field(default_factory=list)
+    # one entry per token event sent, naming its request (tests wait for output this way)
+    emitted: list[GenerationRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._sem = threading.Semaphore(self.parallel)
@@ -147,6 +149,7 @@ class FakeEngine:
                     stream.push(Finish("stop", n_prompt, n, stop_word=text))
                     return
                 n += 1
+                self.emitted.append(req)
                 if req.n_probs:
                     # scripted probabilities: the token itself at -0.5, then runners-up
                     top = tuple((i + k * 1000, -0.5 - k) for k in range(req.n_probs))
