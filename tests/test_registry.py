@@ -503,12 +503,19 @@ def test_a_dead_engine_is_503_model_failed_and_health_names_it_until_reloaded(
         r = client.post("/v1/chat/completions", json={**CHAT, "model": "a"})
         assert r.status_code == 503 and "retry-after" in r.headers
         error = r.json()["error"]
-        assert error["code"] == "model_failed" and "a" in error["message"]
+        assert error["code"] == "model_failed" and "model a " in error["message"]
         assert "GGML" not in r.text
         # b never stopped serving; a comes back on its own, reloaded by that request
         assert client.post("/v1/chat/completions",
                            json={**CHAT, "model": "b"}).status_code == 200
-        wait_until(lambda: client.get("/health").status_code == 200, what="a's reload")
+
+        def both_ready() -> bool:
+            health = client.get("/health")
+            return health.status_code == 200 and [
+                (m["id"], m["state"]) for m in health.json()["models"]] == [("a", "ready"),
+                                                                             ("b", "ready")]
+
+        wait_until(both_ready, what="a's reload")
         r = client.post("/v1/chat/completions", json={**CHAT, "model": "a"})
         assert r.status_code == 200 and r.json()["model"] == "a"
     assert loader.loads == ["a", "b", "a"] and loader.engines[0].closed
