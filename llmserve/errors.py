@@ -21,6 +21,7 @@ CLI turns them into one line and a non-zero exit. Nothing else maps exceptions t
     │   ├── ServerBusy                 503 server_busy
     │   ├── ModelLoading               503 model_loading
     │   ├── NoModelLoaded              503 no_model
+    │   ├── ModelFailed                503 model_failed              (its engine died; reloading)
     │   └── ShuttingDown               503 shutting_down
     ├── EngineError                    500 engine_error              (message is sanitised)
     ├── ConfigError                    (CLI only) a bad models.toml or --models-dir
@@ -155,6 +156,13 @@ class ModelLoading(ServiceUnavailable):
 
 class NoModelLoaded(ServiceUnavailable):
     code = "no_model"
+
+
+class ModelFailed(ServiceUnavailable):
+    """The model's engine stopped working (its worker thread died). The message never carries
+    the cause (llama.cpp's text goes to the log only); the model is reloaded."""
+
+    code = "model_failed"
 
 
 class ShuttingDown(ServiceUnavailable):

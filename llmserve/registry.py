@@ -5,21 +5,26 @@ Guarantees:
   long as its body lives. ``acquire`` loads a known, unloaded model first (JIT); while a model
   loads, other requests for it get 503 ``model_loading`` at once.
 - At most ``max_loaded_models`` are loaded. Loading one more unloads the least recently used
-  (idle ones first), and that engine is closed only after its in-flight requests have finished.
+  (idle ones first), and that engine is closed only after its in-flight requests have finished;
+  a model on its way out still counts until then (it holds its memory).
+- A model whose engine dies (its worker thread ends with an exception) is seen at the next
+  request, /health or /metrics: the cause is logged once, the request gets 503 ``model_failed``
+  and the model is reloaded in the background (POST /v1/models/load reloads it too).
 - A load that fails leaves the server serving: models unloaded to make room for it are loaded
   back, and the error (ModelLoadError, 400) reaches the caller.
 - A model idle for its keep-alive (the config's ``ttl``, or a request's ``ttl``/``keep_alive``)
   is unloaded; ``None`` keeps it loaded, 0 unloads it as soon as its requests finish.
 
 Everything here runs on the event loop except the loader and ``close``, which run in a worker
-thread; loads and unloads are serialised by one lock.
+thread. Loads are serialised by one lock. Unloading never takes it, so a busy model's unload
+stalls nobody: a model leaves service at once (a plain step on the event loop, atomic) and its
+engine is closed by a task of its own once its requests are done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,10 +33,11 @@ from typing import Any, Literal, NoReturn
 
 import anyio.to_thread
 
+from llmserve.admission import Admission, Ticket
+from llmserve.clock import Clock, SystemClock, Timer
 from llmserve.config import ModelSpec, model_id_from_file
 from llmserve.engine.types import EngineProtocol, ModelInfo
-from llmserve.errors import ModelLoading, ModelNotFound, NoModelLoaded
-from llmserve.server.admission import Admission, Ticket
+from llmserve.errors import ModelFailed, ModelLoading, ModelNotFound, NoModelLoaded
 
 log = logging.getLogger("llmserve.registry")
 
@@ -48,23 +54,25 @@ class _Slot:
     """A loaded engine with its admission, in-flight count and keep-alive."""
 
     def __init__(self, spec: ModelSpec, engine: EngineProtocol, admission: Admission,
-                 on_idle: Callable[[_Slot], None]) -> None:
+                 on_idle: Callable[[_Slot], None], clock: Clock) -> None:
         self.spec = spec
         self.engine = engine
         self.admission = admission
         self.keep_alive: float | None = spec.ttl
-        self.last_used = time.monotonic()
+        self._clock = clock
+        self.last_used = clock.monotonic()
         self.expires_at: float | None = None  # wall-clock time of the idle unload
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Timer | None = None
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
         self._on_idle = on_idle
+        self.failure_logged = False
 
     def hold(self) -> None:
         self.in_flight += 1
         self.idle.clear()
-        self.last_used = time.monotonic()
+        self.last_used = self._clock.monotonic()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -72,7 +80,7 @@ class _Slot:
 
     def drop(self) -> None:
         self.in_flight -= 1
-        self.last_used = time.monotonic()
+        self.last_used = self._clock.monotonic()
         if self.in_flight == 0:
             self.idle.set()
             self._on_idle(self)
@@ -106,6 +114,11 @@ class ModelStatus:
     expires_at: float | None = None  # wall-clock time of the idle unload, when scheduled
     keep_alive: float | None = None  # seconds idle before unloading; None = forever
     in_flight: int = 0
+    # when loaded: its engine died (requests get 503 model_failed until it is reloaded)
+    failed: bool = False
+    slots: int = 0  # --parallel
+    slots_busy: int = 0  # admitted requests that hold a slot
+    queued: int = 0  # admitted requests waiting for one
 
 
 class ModelHost:
@@ -119,24 +132,28 @@ class ModelHost:
         max_loaded_models: int = 1,
         check: Check | None = None,
         spec_for_path: Callable[[Path], ModelSpec] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """``engine``: one already loaded (its spec is the one in ``specs`` with its id, or one
         made from its path). ``check`` validates a model cheaply before anything is unloaded
         for it (the CLI reads the GGUF header); ``spec_for_path`` makes the spec of a model
-        loaded by path (POST /v1/models/load)."""
+        loaded by path (POST /v1/models/load); ``clock`` drives idle times and keep-alive
+        timers (tests pass one they advance by hand)."""
         self._loader = loader
         self._check = check
         self._spec_for_path = spec_for_path or (
             lambda p: ModelSpec(id=model_id_from_file(p), path=p)
         )
+        self._clock: Clock = clock or SystemClock()
         self.max_queue = max_queue
         self.max_loaded_models = max_loaded_models
         self.known: dict[str, ModelSpec] = {}
         self._names: dict[str, str] = {}
         self._loaded: OrderedDict[str, _Slot] = OrderedDict()
         self._pending: dict[str, asyncio.Task[_Slot]] = {}
+        # out of service, closing once their requests are done (see _retire)
+        self._retiring: dict[_Slot, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[Any]] = set()
         for spec in specs:
             self._register(spec)
         if engine is not None:
@@ -184,8 +201,13 @@ class ModelHost:
         for spec in self.known.values():
             slot = self._loaded.get(spec.id)
             if slot is not None:
-                out.append(ModelStatus(spec, "loaded", slot.engine.info, slot.expires_at,
-                                       slot.keep_alive, slot.in_flight))
+                admission = slot.admission
+                out.append(ModelStatus(
+                    spec, "loaded", slot.engine.info, slot.expires_at, slot.keep_alive,
+                    slot.in_flight, failed=self._is_dead(slot), slots=admission.parallel,
+                    slots_busy=min(admission.in_system, admission.parallel),
+                    queued=admission.waiting,
+                ))
             else:
                 out.append(ModelStatus(spec, "loading" if spec.id in self._pending
                                        else "not-loaded", keep_alive=spec.ttl))
@@ -218,32 +240,24 @@ class ModelHost:
         return Lease(self._loaded_slot(model), None)
 
     def current(self, model: str | None = None) -> EngineProtocol:
-        """The loaded engine a request names (for reads that need no admission), or the same
-        503/404 as ``lease``."""
+        """The loaded engine a request names (for reads that need no admission): 503 while it
+        loads, is not loaded or has failed; 404 for an unknown name."""
         return self._loaded_slot(model).engine
 
     def _loaded_slot(self, model: str | None) -> _Slot:
         spec = self.resolve(model)
-        slot = self._loaded.get(spec.id)
+        slot = self._serving(spec)
         if slot is None:
             self._raise_not_ready(spec)
         return slot
 
-
-    def lease(self, model: str | None = None) -> Lease:
-        """Admit one request to a loaded model, or raise at once (503 while it loads or when it
-        is not loaded, 404 for an unknown name). No JIT: see ``acquire``."""
-        spec = self.resolve(model)
-        slot = self._loaded.get(spec.id)
-        if slot is None:
-            self._raise_not_ready(spec)
-        return self._admit(slot, KEEP)
-
     async def acquire(self, model: str | None = None, keep_alive: object = KEEP) -> Lease:
-        """Like ``lease``, but a known model that is not loaded is loaded first (JIT).
-        ``keep_alive`` (seconds, None = forever) replaces the model's keep-alive."""
+        """Admit one request to a model, loading it first if it is known but not loaded (JIT).
+        ``keep_alive`` (seconds, None = forever) replaces the model's keep-alive. Raises at
+        once: 503 while a model loads, when admission is full or when the model's engine has
+        died (it is then reloaded in the background); 404 for an unknown name."""
         spec = self.resolve(model)
-        slot = self._loaded.get(spec.id)
+        slot = self._serving(spec)
         if slot is not None:
             return self._admit(slot, keep_alive)
         if self._pending:
@@ -256,6 +270,31 @@ class ModelHost:
             return self._admit(slot, keep_alive)
         finally:
             slot.drop()
+
+    def _serving(self, spec: ModelSpec) -> _Slot | None:
+        """The loaded slot of ``spec``, or None when it is not loaded. A slot whose engine has
+        died leaves service and is reloaded in the background; the caller gets ModelFailed."""
+        slot = self._loaded.get(spec.id)
+        if slot is None or not self._is_dead(slot):
+            return slot
+        self._retire(slot)
+        if spec.id not in self._pending:
+            self._start_load(spec).add_done_callback(_drop_hold)
+        raise ModelFailed(f"model {spec.id} stopped working and is being reloaded; retry "
+                          "shortly", retry_after=5.0)
+
+    def _is_dead(self, slot: _Slot) -> bool:
+        """Whether the slot's engine has died; the first time it is seen, the cause is logged
+        (the only place it goes: clients get ModelFailed's message)."""
+        failure = slot.engine.failure
+        if failure is None:
+            return False
+        if not slot.failure_logged:
+            slot.failure_logged = True
+            log.error("model %s failed: its engine's worker thread died (%s: %s); the next "
+                      "request reloads it", slot.spec.id, type(failure).__name__, failure,
+                      exc_info=failure)
+        return True
 
     def _raise_not_ready(self, spec: ModelSpec) -> NoReturn:
         if spec.id in self._pending:
@@ -273,14 +312,15 @@ class ModelHost:
             self._loaded.move_to_end(slot.spec.id)
         return Lease(slot, ticket)
 
-    # -- loading and unloading -----------------------------------------------------------------
+    # -- loading -------------------------------------------------------------------------------
 
     async def load(self, target: str) -> EngineProtocol:
         """Load a model by id, alias or path (a new path becomes a known model once it has
-        loaded). Returns the engine; raises ModelLoadError (models kept serving) or 404."""
+        loaded); a model whose engine died is loaded afresh. Returns the engine; raises
+        ModelLoadError (models kept serving), 503 while it is loading, or 404."""
         spec = self._target_spec(target)
         slot = self._loaded.get(spec.id)
-        if slot is not None:
+        if slot is not None and not self._is_dead(slot):
             self._loaded.move_to_end(spec.id)
             return slot.engine
         if spec.id in self._pending:
@@ -306,12 +346,16 @@ class ModelHost:
             spec = spec.model_copy(update={"id": f"{base}-{n}"})
         return spec
 
-    async def _load_held(self, spec: ModelSpec) -> _Slot:
+    def _start_load(self, spec: ModelSpec) -> asyncio.Task[_Slot]:
         """Load ``spec`` in a task of its own (a caller that goes away does not abandon a load
-        half-way) and return its slot with one hold taken for the caller."""
+        half-way); its result is the slot with one hold taken for whoever takes it."""
         task = asyncio.create_task(self._load(spec))
         self._pending[spec.id] = task
         task.add_done_callback(lambda _t: self._pending.pop(spec.id, None))
+        return task
+
+    async def _load_held(self, spec: ModelSpec) -> _Slot:
+        task = self._start_load(spec)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -319,18 +363,16 @@ class ModelHost:
             raise
 
     async def _load(self, spec: ModelSpec) -> _Slot:
+        # The lock serialises loads only; unloading never takes it (see _retire).
         async with self._lock:
             slot = self._loaded.get(spec.id)
+            if slot is not None and self._is_dead(slot):
+                self._retire(slot)
+                slot = None
             if slot is None:
                 if self._check is not None:
                     await anyio.to_thread.run_sync(self._check, spec)
-                evicted: list[ModelSpec] = []
-                while len(self._loaded) >= self.max_loaded_models:
-                    victim = min(self._loaded.values(),
-                                 key=lambda s: (s.in_flight > 0, s.last_used))
-                    log.info("unloading %s to make room for %s", victim.spec.id, spec.id)
-                    evicted.append(victim.spec)
-                    await self._retire(victim)
+                evicted = await self._make_room(spec)
                 try:
                     slot = await self._load_now(spec)
                 except BaseException:
@@ -343,61 +385,90 @@ class ModelHost:
             slot.hold()
             return slot
 
+    async def _make_room(self, spec: ModelSpec) -> list[ModelSpec]:
+        """Retire least recently used models (idle ones first) until one more fits, and wait
+        until the engines on their way out have closed: a model still finishing requests
+        holds its memory, so it counts against ``max_loaded_models`` until it is closed."""
+        evicted: list[ModelSpec] = []
+        while len(self._loaded) >= self.max_loaded_models:
+            victim = min(self._loaded.values(), key=lambda s: (s.in_flight > 0, s.last_used))
+            log.info("unloading %s to make room for %s", victim.spec.id, spec.id)
+            evicted.append(victim.spec)
+            self._retire(victim)
+        while self._retiring and len(self._loaded) + len(self._retiring) >= self.max_loaded_models:
+            await asyncio.wait(set(self._retiring.values()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        return evicted
+
     async def _load_now(self, spec: ModelSpec) -> _Slot:
         log.info("loading %s from %s", spec.id, spec.path)
-        t0 = time.monotonic()
+        t0 = self._clock.monotonic()
         engine = await anyio.to_thread.run_sync(self._loader, spec)
         self._register(spec)
         slot = self._wrap(spec, engine)
         self._loaded[spec.id] = slot
-        log.info("loaded %s in %.1f s", spec.id, time.monotonic() - t0)
+        log.info("loaded %s in %.1f s", spec.id, self._clock.monotonic() - t0)
         self._schedule_expiry(slot)
         return slot
 
     def _wrap(self, spec: ModelSpec, engine: EngineProtocol) -> _Slot:
         admission = Admission(parallel=engine.info.n_parallel, max_queue=self.max_queue)
-        return _Slot(spec, engine, admission, self._schedule_expiry)
+        return _Slot(spec, engine, admission, self._schedule_expiry, self._clock)
+
+    # -- unloading -----------------------------------------------------------------------------
 
     async def unload(self, model: str | None = None) -> bool:
-        """Unload one model (by id or alias) or, with None, all. False if none was loaded."""
+        """Unload one model (by id or alias) or, with None, all; returns once their engines
+        are closed (after their requests). False if none was loaded. Other loads and unloads
+        go on meanwhile."""
         target = self.lookup(model).id if model else None
-        async with self._lock:
-            slots = [s for mid, s in self._loaded.items() if target in (None, mid)]
-            for slot in slots:
-                await self._retire(slot)
+        slots = [s for mid, s in self._loaded.items() if target in (None, mid)]
+        closing = [self._retire(slot) for slot in slots]
+        if closing:
+            # shielded: a caller that goes away does not leave an engine half-closed
+            await asyncio.shield(asyncio.gather(*closing))
         return bool(slots)
 
-    async def _retire(self, slot: _Slot) -> None:
-        """Take the slot out of service now; close its engine once its requests are done.
-        Called with the lock held."""
-        self._loaded.pop(slot.spec.id, None)
+    def _retire(self, slot: _Slot) -> asyncio.Task[None]:
+        """Phase one, at once (atomic on the event loop, so no lock): take the slot out of
+        service. Phase two, in a task of its own: close its engine once its requests are done.
+        Returns that task (the same one if the slot is already retiring)."""
+        if self._loaded.get(slot.spec.id) is slot:
+            del self._loaded[slot.spec.id]
         if slot.timer is not None:
             slot.timer.cancel()
             slot.timer = None
-        await slot.idle.wait()
-        await anyio.to_thread.run_sync(slot.engine.close)
-        log.info("unloaded %s", slot.spec.id)
+        slot.expires_at = None
+        task = self._retiring.get(slot)
+        if task is None:
+            task = asyncio.ensure_future(self._close_when_idle(slot))
+            self._retiring[slot] = task
+        return task
+
+    async def _close_when_idle(self, slot: _Slot) -> None:
+        try:
+            await slot.idle.wait()
+            await anyio.to_thread.run_sync(slot.engine.close)
+            log.info("unloaded %s", slot.spec.id)
+        except Exception:  # out of service already; nothing else to undo
+            log.exception("closing %s failed", slot.spec.id)
+        finally:
+            # before the task completes, so that whoever waits on it sees the room it made
+            self._retiring.pop(slot, None)
 
     # -- keep-alive ----------------------------------------------------------------------------
 
     def _schedule_expiry(self, slot: _Slot) -> None:
         if slot.keep_alive is None or self._loaded.get(slot.spec.id) is not slot:
             return
-        loop = asyncio.get_running_loop()
-        slot.expires_at = time.time() + slot.keep_alive
-        slot.timer = loop.call_later(slot.keep_alive, self._expire, slot)
+        slot.expires_at = self._clock.time() + slot.keep_alive
+        slot.timer = self._clock.call_later(slot.keep_alive, lambda: self._expire(slot))
 
     def _expire(self, slot: _Slot) -> None:
         slot.timer = None
-        task = asyncio.ensure_future(self._unload_if_idle(slot))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _unload_if_idle(self, slot: _Slot) -> None:
-        async with self._lock:
-            if self._loaded.get(slot.spec.id) is slot and slot.in_flight == 0:
-                log.info("unloading %s: idle for %.0f s", slot.spec.id, slot.keep_alive or 0)
-                await self._retire(slot)
+        if self._loaded.get(slot.spec.id) is slot and slot.in_flight == 0:
+            log.info("unloading %s: idle for %.0f s", slot.spec.id, slot.keep_alive or 0)
+            self._retire(slot)
 
     def start(self) -> None:
         """Start the keep-alive countdown of the models loaded before the server ran."""
@@ -406,12 +477,20 @@ class ModelHost:
                 self._schedule_expiry(slot)
 
     async def close(self) -> None:
-        # a load or idle unload under way finishes first (its errors were reported already)
-        await asyncio.gather(*self._pending.values(), *self._tasks, return_exceptions=True)
+        # a load under way finishes first (its errors were reported already)
+        await asyncio.gather(*self._pending.values(), return_exceptions=True)
         await self.unload()
+        await asyncio.gather(*self._retiring.values(), return_exceptions=True)
 
 
 def _drop_hold(task: asyncio.Task[_Slot]) -> None:
-    """The caller of a load went away: give back the hold it would have turned into a lease."""
-    if not task.cancelled() and task.exception() is None:
+    """Nobody waits for this load any more (its caller went away, or it reloads a failed
+    model in the background): give back the hold it would have turned into a lease, or log
+    why it failed."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None:
         task.result().drop()
+    else:
+        log.error("loading in the background failed: %s", exc)

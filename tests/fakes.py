@@ -1,7 +1,8 @@
-"""FakeEngine: scripted tokens, per-token delay, failure at token N, records calls and cancels.
+"""FakeEngine: scripted tokens, per-token delay, failure at token N, records calls and cancels,
+a worker that can be killed. FakeClock: the registry's clock, advanced by hand.
 
-It honours the engine contract (EngineProtocol) with a worker thread of its own, so the server
-code under test sees events arrive from another thread exactly as with llama.cpp.
+FakeEngine honours the engine contract (EngineProtocol) with a worker thread per stream, so the
+server code under test sees events arrive from another thread exactly as with llama.cpp.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,10 @@ from llmserve.engine.types import (
     Timings,
     TokenEvent,
 )
-from llmserve.errors import InvalidRequest
+from llmserve.errors import InvalidRequest, ModelFailed
+
+# what a stream of a killed FakeEngine ends with (the real scheduler's wording)
+WORKER_DIED = "the model's engine stopped unexpectedly"
 
 
 @dataclass
@@ -52,9 +56,12 @@ class FakeEngine:
     closed: bool = False
     chats: list[list[dict[str, Any]]] = field(default_factory=list)
     running: list[GenerationRequest] = field(default_factory=list)
+    # one entry per token event sent, naming its request (tests wait for output this way)
+    emitted: list[GenerationRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._sem = threading.Semaphore(self.parallel)
+        self._failure: BaseException | None = None
         self._info = ModelInfo(
             id=self.model_id, path=f"/models/{self.model_id}.gguf", n_ctx=self.n_ctx,
             n_ctx_train=self.n_ctx * 2, n_parallel=self.parallel, n_layer=4, n_gpu_layers=0,
@@ -64,6 +71,15 @@ class FakeEngine:
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    def kill(self, cause: BaseException | None = None) -> None:
+        """Let the "worker" die as the real one does when an exception escapes it: streams
+        in progress or waiting end with an error at their next step, new ones are refused."""
+        self._failure = cause or RuntimeError("llama_decode: GGML_ASSERT(scripted) failed")
 
     def format_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> str:
         self.chats.append(messages)
@@ -84,6 +100,8 @@ class FakeEngine:
         return compile_params(params, VocabFacts(n_vocab=0x110000, n_ctx=self.n_ctx))
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
+        if self._failure is not None:
+            raise ModelFailed(f"{WORKER_DIED}; retry shortly", retry_after=5.0)
         check_can_end(request)  # the engine contract: refused before anything is generated
         self.requests.append(request)
         stream = GenerationStream(request, asyncio.get_running_loop())
@@ -102,6 +120,9 @@ class FakeEngine:
         req = stream.request
         n_prompt = len(req.prompt_tokens)
         while not self._sem.acquire(timeout=0.01):  # queued: wait for a slot
+            if self._failure is not None:
+                stream.push(Finish("error", n_prompt, 0, error=WORKER_DIED))
+                return
             if stream.cancelled:
                 self.cancelled.append(req)
                 stream.push(Finish("cancelled", n_prompt, 0))
@@ -116,6 +137,9 @@ class FakeEngine:
                     return
                 if script.delay:
                     time.sleep(script.delay)
+                if self._failure is not None:
+                    stream.push(Finish("error", n_prompt, n, error=WORKER_DIED))
+                    return
                 if stream.cancelled:
                     self.cancelled.append(req)
                     stream.push(Finish("cancelled", n_prompt, n))
@@ -127,6 +151,7 @@ class FakeEngine:
                     stream.push(Finish("stop", n_prompt, n, stop_word=text))
                     return
                 n += 1
+                self.emitted.append(req)
                 if req.n_probs:
                     # scripted probabilities: the token itself at -0.5, then runners-up
                     top = tuple((i + k * 1000, -0.5 - k) for k in range(req.n_probs))
@@ -141,6 +166,48 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+class _FakeTimer:
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """The registry's Clock with time that moves only when a test calls ``advance``; timers
+    run then, on the caller's (event loop) thread, in the order they fall due."""
+
+    def __init__(self, start: float = 1000.0, wall: float = 1_700_000_000.0) -> None:
+        self.now = start
+        self._wall_offset = wall - start
+        self._timers: list[_FakeTimer] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now + self._wall_offset
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> _FakeTimer:
+        timer = _FakeTimer(self.now + delay, callback)
+        self._timers.append(timer)
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        while True:
+            due = [t for t in self._timers if t.when <= self.now and not t.cancelled]
+            if not due:
+                break
+            timer = min(due, key=lambda t: t.when)
+            self._timers.remove(timer)
+            timer.callback()
+        self._timers = [t for t in self._timers if not t.cancelled]
 
 
 async def drive_asgi(app: ASGIApp, body: dict[str, Any], *, disconnect_after: int | None,

@@ -43,6 +43,7 @@ def _bad_files(tmp_path: Path, demo: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+@pytest.mark.real  # the bad files are cut from the demo model
 @pytest.mark.parametrize("case", ["missing", "directory", "not-gguf", "header-cut", "data-cut"])
 def test_bad_model_file_is_one_line_and_exit_1(
     case: str, tmp_path: Path, demo_model: Path

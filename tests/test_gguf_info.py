@@ -6,7 +6,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 import pytest
 
 from llmserve.errors import ModelLoadError
@@ -53,6 +52,7 @@ LLAMA_META = {"general.architecture": "llama", "general.name": "tiny", "general.
               "llama.context_length": 2048}
 
 
+@pytest.mark.real
 def test_demo_model(demo_model: Path) -> None:
     info = read_gguf(demo_model)
     assert info.architecture == "llama"
@@ -103,6 +103,7 @@ def _cut(source: Path, dest: Path, n: int) -> Path:
     return dest
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("cut", [0, 3, 10, 30, 5_000, 1_000_000, 60_000_000],
                          ids=["empty", "in-magic", "in-counts", "in-first-key", "in-metadata",
                               "in-tensor-table-or-data", "in-data"])
@@ -154,7 +155,10 @@ def test_cache_notices_a_changed_file(tmp_path: Path) -> None:
     assert read_gguf_cached(path).parameter_count == 96
 
 
+@pytest.mark.real
 def test_type_tables_match_llama_cpp() -> None:
+    import llama_cpp
+
     for name in dir(llama_cpp):
         if name.startswith("LLAMA_FTYPE_") and name != "LLAMA_FTYPE_GUESSED":
             short = name.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix("LLAMA_FTYPE_ALL_")

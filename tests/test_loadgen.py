@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from llmserve.errors import BenchError
 from llmserve.loadgen import Workload, api_root, percentile, run_workload
 from tests.conftest import free_port
 from tests.fakes import FakeEngine, Script
+from tests.polling import wait_until
 
 
 class ThreadServer:
@@ -38,10 +38,7 @@ class ThreadServer:
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
+        wait_until(lambda: self.server.started, timeout=10, what="uvicorn to start")
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from llmserve.config import ModelSpec
 from llmserve.errors import ModelLoadError
 from tests.fakes import FakeEngine, Script
+from tests.polling import wait_until_async
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -31,9 +32,10 @@ async def test_swap_waits_for_in_flight_and_503s_while_loading(
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         running = asyncio.create_task(c.post("/v1/chat/completions", json=CHAT))
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda: old.started, what="the request on the old model")
         load = asyncio.create_task(c.post("/v1/models/load", json={"model": "/m/new.gguf"}))
-        await asyncio.sleep(0.05)
+        host = app.state.llmserve.host
+        await wait_until_async(lambda: host.loading == ["new"], what="the load to begin")
         health = await c.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "loading"
         busy = await c.post("/v1/chat/completions", json=CHAT)

@@ -152,6 +152,7 @@ cache_type_v = "q8_0"
         assert _states(c)["demo"] == "loaded"
 
 
+@pytest.mark.real
 def test_info_on_the_demo_model(demo_model: Path) -> None:
     result = llmserve("info", str(demo_model))
     assert result.returncode == 0, result.stderr
@@ -180,6 +181,7 @@ def test_info_on_bad_files_is_one_line(tmp_path: Path, make: object, fragment: s
     assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.real
 def test_models_lists_a_folder(tmp_path: Path, demo_model: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "smol.gguf").symlink_to(demo_model)

@@ -24,6 +24,7 @@ from llmserve.errors import (
 from llmserve.server.errors import error_response
 from llmserve.server.generation import Limits
 from tests.fakes import FakeEngine, Script
+from tests.polling import wait_until_async
 
 CHAT = [{"role": "user", "content": "Hi"}]
 
@@ -201,7 +202,7 @@ async def test_busy_is_503_detail(make_app: Callable[..., Starlette]) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://t") as c:
         first = asyncio.create_task(c.post("/generate", json={"prompt": "x"}))
-        await asyncio.sleep(0.02)
+        await wait_until_async(lambda: engine.requests, what="the first to be admitted")
         busy = await c.post("/generate", json={"prompt": "x"})
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert "busy" in busy.json()["detail"]

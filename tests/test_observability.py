@@ -16,6 +16,7 @@ from llmserve.server.access import JsonFormatter
 from llmserve.server.options import ServerOptions
 from llmserve.server.ratelimit import RateLimit
 from tests.fakes import FakeEngine, Script
+from tests.polling import wait_until_async
 
 CHAT = {"model": "x", "messages": [{"role": "user", "content": "the secret word is zebra"}]}
 
@@ -68,9 +69,10 @@ def test_metrics_count_requests_rejections_and_tokens(
     assert value(m, "llmserve_time_to_first_token_seconds_count", model="fake-model") == 3
     assert value(m, "llmserve_tokens_per_second_count", model="fake-model") == 3
     assert value(m, "llmserve_loaded_models") == 1
-    assert value(m, "llmserve_slots") == 1
-    assert value(m, "llmserve_slots_busy") == 0
-    assert value(m, "llmserve_queue_depth") == 0
+    assert value(m, "llmserve_slots", model="fake-model") == 1
+    assert value(m, "llmserve_slots_busy", model="fake-model") == 0
+    assert value(m, "llmserve_queue_depth", model="fake-model") == 0
+    assert m[("llmserve_model_failed", (("model", "fake-model"),))] == 0
     assert ("llmserve_model_load_seconds", (("model", "fake-model"),)) in m
 
 
@@ -109,13 +111,10 @@ async def test_metrics_show_busy_slots_and_queue_depth(
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         running = [asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
                    for _ in range(3)]
-        for _ in range(200):
-            if engine.started:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: engine.started, what="the first request to start")
         m = samples((await client.get("/metrics")).text)
-        assert value(m, "llmserve_slots_busy") == 1
-        assert value(m, "llmserve_queue_depth") == 2
+        assert value(m, "llmserve_slots_busy", model="fake-model") == 1
+        assert value(m, "llmserve_queue_depth", model="fake-model") == 2
         assert all(r.status_code == 200 for r in await asyncio.gather(*running))
 
 

@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 
 from llmserve.server.generation import Limits
 from tests.fakes import FakeEngine, Script, drive_asgi
+from tests.polling import wait_until_async
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -280,10 +281,7 @@ async def test_stream_disconnect_cancels_generation(make_app: Callable[..., Star
     app = make_app(engine)
     chunks = await drive_asgi(app, {**CHAT, "stream": True}, disconnect_after=3)
     assert len(chunks) < 10
-    for _ in range(100):
-        if engine.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: engine.cancelled, what="the cancellation")
     assert engine.cancelled == engine.requests
     assert app.state.llmserve.host.admission.in_system == 0
 
@@ -295,13 +293,10 @@ async def test_non_stream_disconnect_cancels_generation(
     app = make_app(engine)
     leave = asyncio.Event()
     task = asyncio.create_task(drive_asgi(app, CHAT, disconnect_after=None, disconnect_event=leave))
-    await asyncio.sleep(0.1)
+    await wait_until_async(lambda: engine.started, what="the generation to start")
     leave.set()
     await task
-    for _ in range(100):
-        if engine.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: engine.cancelled, what="the cancellation")
     assert engine.cancelled == engine.requests
     assert app.state.llmserve.host.admission.in_system == 0
 
@@ -312,12 +307,12 @@ async def test_queued_client_that_leaves_never_runs(make_app: Callable[..., Star
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         running = asyncio.create_task(c.post("/v1/chat/completions", json=CHAT))
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda: engine.started, what="the first request to start")
         leave = asyncio.Event()
         queued = asyncio.create_task(
             drive_asgi(app, {**CHAT, "stream": True}, disconnect_after=None, disconnect_event=leave)
         )
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda: len(engine.requests) == 2, what="the second to queue")
         leave.set()
         await queued
         first = await running
@@ -336,7 +331,7 @@ async def test_health_and_models_answer_while_requests_wait(
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         busy = [asyncio.create_task(c.post("/v1/chat/completions", json=CHAT))
                 for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda: len(engine.requests) == 3, what="three to be admitted")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         health = await c.get("/health")

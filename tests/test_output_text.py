@@ -49,4 +49,5 @@ def test_partial_stop_is_held_back_until_resolved() -> None:
                       ([5], [6], 0)],
 )
 def test_common_prefix_len(a: list[int], b: list[int], n: int) -> None:
+
     assert common_prefix_len(a, b) == n

@@ -27,6 +27,8 @@ import jsonschema
 import openai
 import pytest
 
+pytest.importorskip("llama_cpp")  # collected without it too: the whole file is the real tier
+
 from llmserve.engine.model import LoadedModel
 from tests.conftest import ServerProcess
 from tests.test_sampling_routes import SILLYTAVERN

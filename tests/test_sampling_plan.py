@@ -19,6 +19,7 @@ from llmserve.engine.sampling import (
 )
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import InvalidRequest
+from tests.conftest import requires_llama_cpp
 
 VOCAB = VocabFacts(n_vocab=1000, n_ctx=512, eog_tokens=(2, 7))
 SEED = 1234
@@ -190,9 +191,10 @@ def test_sampler_names_as_clients_send_them(names: list[str], kinds: list[str]) 
         pytest.param({"samplers": tuple("kq")}, "samplers", id="unknown-letter"),
         pytest.param({"logit_bias": ((1000, 1.0),)}, "logit_bias", id="token-past-vocab"),
         pytest.param({"logit_bias": ((-1, 1.0),)}, "logit_bias", id="negative-token"),
-        pytest.param({"json_schema": {"type": "nonsense"}}, "json_schema", id="bad-schema"),
+        pytest.param({"json_schema": {"type": "nonsense"}}, "json_schema", id="bad-schema",
+                     marks=requires_llama_cpp),
         pytest.param({"json_schema": {"$ref": "#/definitions/missing"}}, "json_schema",
-                     id="dangling-ref"),
+                     id="dangling-ref", marks=requires_llama_cpp),
         pytest.param({"mirostat": 3}, "mirostat", id="mirostat-3"),
     ],
 )
@@ -212,6 +214,7 @@ def test_empty_grammar_means_none() -> None:
     assert plan(grammar="").grammar is None
 
 
+@requires_llama_cpp
 def test_json_schema_compiles_to_a_grammar() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     p = plan(json_schema=schema)
@@ -220,6 +223,7 @@ def test_json_schema_compiles_to_a_grammar() -> None:
     assert compiled.grammar == p.grammar and compiled.json_schema is None
 
 
+@requires_llama_cpp
 def test_empty_json_schema_means_any_object() -> None:
     assert plan(json_schema={}).grammar == plan(json_schema={"type": "object"}).grammar
 

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 
 from llmserve.engine.sampling import VocabFacts, plan_chain
 from llmserve.engine.types import SamplingParams
+from tests.conftest import requires_llama_cpp
 from tests.fakes import FakeEngine
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -98,12 +99,13 @@ def test_aliases_and_forms_map_to_sampling_params(
     "extra",
     [
         pytest.param({"json_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}},
-                     id="json_schema"),
-        pytest.param({"response_format": {"type": "json_object"}}, id="json_object"),
+                     id="json_schema", marks=requires_llama_cpp),
+        pytest.param({"response_format": {"type": "json_object"}}, id="json_object",
+                     marks=requires_llama_cpp),
         pytest.param({"response_format": {"type": "json_schema", "json_schema": {
             "name": "answer", "strict": True,
             "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}},
-            id="response_format-json_schema"),
+            id="response_format-json_schema", marks=requires_llama_cpp),
     ],
 )
 def test_json_schemas_reach_the_engine_as_a_grammar(
@@ -167,12 +169,13 @@ BAD = [
     pytest.param({"grammar": 'root ::= "a"', "json_schema": {}}, "grammar",
                  id="grammar-and-json_schema"),
     pytest.param({"json_schema": "{}"}, "json_schema", id="json_schema-string"),
-    pytest.param({"json_schema": {"type": "nonsense"}}, "json_schema", id="json_schema-bad"),
+    pytest.param({"json_schema": {"type": "nonsense"}}, "json_schema", id="json_schema-bad",
+                 marks=requires_llama_cpp),
     pytest.param({"response_format": {"type": "xml"}}, "response_format.type",
                  id="response_format-type"),
     pytest.param({"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "nonsense"}}}}, "response_format",
-        id="response_format-bad-schema"),
+        id="response_format-bad-schema", marks=requires_llama_cpp),
 ]
 
 

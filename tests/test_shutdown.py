@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 
 from llmserve.server.shutdown import Drain
 from tests.fakes import FakeEngine, Script
+from tests.polling import wait_until_async
 
 CHAT = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -32,11 +33,7 @@ def events(body: str) -> list[str]:
 
 
 async def started(engine: FakeEngine, n: int) -> None:
-    for _ in range(300):
-        if len(engine.started) >= n:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the generations did not start")
+    await wait_until_async(lambda: len(engine.started) >= n, what=f"{n} generations to start")
 
 
 async def test_drain_refuses_new_requests_and_lets_streams_finish(
@@ -82,11 +79,7 @@ async def test_drain_timeout_ends_running_generations_with_an_error(
     answer = await plain
     assert answer.status_code == 503
     assert answer.json()["error"]["code"] == "shutting_down"
-    for _ in range(100):  # the engine was told to stop both
-        if len(engine.cancelled) == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert len(engine.cancelled) == 2
+    await wait_until_async(lambda: len(engine.cancelled) == 2, what="the engine to stop both")
 
 
 async def test_drain_with_nothing_in_flight_returns_at_once() -> None:

@@ -19,6 +19,7 @@ from llmserve.protocol.llamacpp import sampler_order
 from llmserve.server.generation import Limits
 from tests import sillytavern as st
 from tests.fakes import FakeEngine, Script, drive_asgi
+from tests.polling import wait_until_async
 from tests.test_openai_routes import sse_payloads
 
 PROMPT = "Once upon a time"
@@ -318,11 +319,8 @@ async def test_slots_show_a_running_generation(make_app: Callable[..., Starlette
         assert [s["is_processing"] for s in idle] == [False, False]
         running = asyncio.create_task(c.post("/completion", json={"prompt": "x",
                                                                   "temperature": 0.3}))
-        for _ in range(100):
-            slots = (await c.get("/slots")).json()
-            if slots[0]["is_processing"]:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: engine.running, what="the completion to start")
+        slots = (await c.get("/slots")).json()
         assert slots[0]["params"]["temperature"] == 0.3
         assert slots[1]["is_processing"] is False
         assert (await running).status_code == 200
@@ -401,7 +399,10 @@ async def test_abort_by_genkey_and_by_caller(make_app: Callable[..., Starlette])
             PROMPT, max_length=200, genkey="KCPP1234")))
         anonymous = asyncio.create_task(c.post("/v1/completions", json=st.koboldcpp_body(
             PROMPT, max_tokens=200)))
-        await asyncio.sleep(0.1)
+        await wait_until_async(
+            lambda: len(engine.started) == 2
+            and all(engine.emitted.count(r) >= 2 for r in engine.started),
+            what="both to generate")
         other = await c.post("/api/extra/abort", json={"genkey": "nobody"})
         assert other.json() == {"success": "false", "done": "false"}
         hit = await c.post("/api/extra/abort", json={"genkey": "KCPP1234"})
@@ -430,10 +431,7 @@ async def test_completion_stream_disconnect_cancels(make_app: Callable[..., Star
     chunks = await drive_asgi(app, {"prompt": PROMPT, "stream": True},
                               disconnect_after=3, path="/completion")
     assert len(chunks) < 10
-    for _ in range(100):
-        if engine.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: engine.cancelled, what="the cancellation")
     assert engine.cancelled == engine.requests
     assert app.state.llmserve.host.admission.in_system == 0
 
@@ -454,13 +452,11 @@ async def test_non_stream_disconnect_cancels(make_app: Callable[..., Starlette],
     leave = asyncio.Event()
     task = asyncio.create_task(drive_asgi(app, body, disconnect_after=None, path=path,
                                            disconnect_event=leave))
-    await asyncio.sleep(0.15)
+    await wait_until_async(lambda: len(engine.started) == started, what="the generations")
     leave.set()
     await task
-    for _ in range(100):
-        if len(engine.cancelled) == len(engine.requests) == started:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: len(engine.cancelled) == len(engine.requests) == started,
+                           what="every generation to be cancelled")
     assert len(engine.requests) == started
     # the batch's generations are cancelled in whatever order their tasks unwind
     assert sorted(map(id, engine.cancelled)) == sorted(map(id, engine.requests))

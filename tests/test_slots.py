@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+# Slot choice and the --parallel check live in the engine, which imports llama_cpp.
+pytest.importorskip("llama_cpp")
+
 from llmserve.engine.model import MIN_CTX_PER_SLOT, check_parallel
 from llmserve.engine.placement import (
     PROMPT_CHUNK_WHILE_GENERATING,

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from llmserve.engine import sampling
+from llmserve.engine import sampler
 from llmserve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.engine.grammar_bound import check_can_end
 from llmserve.engine.model import LoadedModel, check_parallel, supports_gpu_offload
@@ -134,7 +134,7 @@ class Engine:
         return self.model.detokenize(tokens)
 
     def prepare_sampling(self, params: SamplingParams) -> SamplingParams:
-        return sampling.prepare(params, self.model)
+        return sampler.prepare(params, self.model)
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         check_can_end(request)  # a grammar that ignore_eos makes a dead end: 400 before a token
@@ -144,6 +144,10 @@ class Engine:
 
     def slot_states(self) -> list[SlotState]:
         return self.scheduler.slot_states()
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.scheduler.failure
 
     @property
     def busy_slots(self) -> int:

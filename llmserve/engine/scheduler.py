@@ -67,7 +67,7 @@ from llmserve.engine.placement import (
     longest_prefix,
     prompt_chunk,
 )
-from llmserve.engine.sampling import Sampler
+from llmserve.engine.sampler import Sampler
 from llmserve.engine.types import (
     Event,
     Finish,
@@ -77,7 +77,7 @@ from llmserve.engine.types import (
     Timings,
     TokenEvent,
 )
-from llmserve.errors import LlmserveError
+from llmserve.errors import LlmserveError, ModelFailed
 
 log = logging.getLogger("llmserve.engine")
 
@@ -89,6 +89,8 @@ STREAM_FLUSH_S = 0.02
 # at least PROMPT_SPEED_MIN_TOKENS tokens measure the prompt speed that expectation uses.
 ABORT_CHECK_MIN_MS = 50.0
 PROMPT_SPEED_MIN_TOKENS = 16
+# What a stream learns when the worker thread dies (the cause goes to the log only).
+WORKER_DIED = "the model's engine stopped unexpectedly"
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Scheduler:
         self._pending: collections.deque[GenerationStream | _Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        # the exception that ended the worker thread (see _run); read by any thread
+        self.failure: Exception | None = None
         self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         # whether a slot may start from cells another slot holds (see the module docstring)
         self._share_prefixes = model.n_parallel > 1 and not (
@@ -152,6 +156,8 @@ class Scheduler:
 
     def submit(self, stream: GenerationStream) -> None:
         with self._cond:
+            if self.failure is not None:
+                raise ModelFailed(f"{WORKER_DIED}; retry shortly", retry_after=5.0)
             if self._stopping:
                 raise RuntimeError("scheduler stopped")
             self._pending.append(stream)
@@ -224,24 +230,26 @@ class Scheduler:
                         self._start(slot, item)
                 self._step()
                 self._flush(force=not any(s.job for s in self.slots))
-        except Exception:  # pragma: no cover - a bug; fail everything rather than hang clients
-            log.exception("engine loop crashed")
-            for slot in self.slots:
-                if slot.job:
-                    self._finish(slot, "error", error="the engine stopped unexpectedly")
+        except Exception as exc:
+            # A bug or a llama.cpp failure: end every stream rather than hang clients. Recorded,
+            # not logged here: the registry logs it once, with its traceback, when it marks the
+            # model failed (and reloads it).
+            self.failure = exc
         finally:
             with self._cond:
                 self._stopping = True
                 pending = list(self._pending)
                 self._pending.clear()
+            reason: FinishReason = "cancelled" if self.failure is None else "error"
+            error = None if self.failure is None else WORKER_DIED
             for item in pending:
                 if isinstance(item, _Job):
-                    self._end(item, "cancelled")
+                    self._end(item, reason, error=error)
                 else:
-                    item.push(Finish("cancelled", 0, 0))
+                    item.push(Finish(reason, 0, 0, error=error))
             for slot in self.slots:
                 if slot.job:
-                    self._finish(slot, "cancelled")
+                    self._finish(slot, reason, error=error)
             self._flush(force=True)
 
     def _take_pending(

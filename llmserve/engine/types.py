@@ -246,4 +246,11 @@ class EngineProtocol(Protocol):
 
     def slot_states(self) -> list[SlotState]: ...
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What stopped the engine's worker thread, once it has died; None while it works.
+        A dead engine has ended its streams with an error and refuses new ones (ModelFailed);
+        the registry marks its model failed and reloads it. Thread-safe (a read)."""
+        ...
+
     def close(self) -> None: ...

@@ -2,13 +2,14 @@
 
 Each app has its own CollectorRegistry (tests build many apps in one process). Request and
 rejection counters are fed by the request-tracking middleware from the finished RequestRecord;
-token counts, time to first token and decode speed by the generation observer; queue depth,
-slots and loaded models are read from the ModelHost at scrape time.
+token counts, time to first token and decode speed by the generation observer; the per-model
+gauges (queue depth, slots, load time, failure) and the loaded-model count are read from the
+ModelHost at scrape time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from llmserve.registry import ModelHost
+from llmserve.registry import ModelHost, ModelStatus
 from llmserve.server.access import RequestRecord
 from llmserve.server.state import AppState
 
@@ -84,26 +85,32 @@ class Metrics:
 
 
 class _HostCollector(Collector):
+    """Per-model gauges, one sample per loaded model, read from the ModelHost at scrape time."""
+
     def __init__(self, host: ModelHost) -> None:
         self._host = host
 
     def collect(self) -> Iterator[Metric]:
-        admission = self._host.admission
-        engine = self._host.engine
-        yield GaugeMetricFamily("llmserve_queue_depth", "Requests waiting for a slot.",
-                                value=admission.waiting if admission else 0)
-        yield GaugeMetricFamily("llmserve_slots_busy", "Slots generating now.",
-                                value=min(admission.in_system, admission.parallel)
-                                if admission else 0)
-        yield GaugeMetricFamily("llmserve_slots", "Slots of the loaded model (--parallel).",
-                                value=admission.parallel if admission else 0)
-        yield GaugeMetricFamily("llmserve_loaded_models", "Models loaded now.",
-                                value=1 if engine else 0)
-        load = GaugeMetricFamily("llmserve_model_load_seconds", "How long loading each loaded "
-                                 "model took.", labels=["model"])
-        if engine is not None:
-            load.add_metric([engine.info.id], engine.info.load_seconds)
-        yield load
+        loaded = [s for s in self._host.statuses() if s.state == "loaded"]
+        gauges: list[tuple[GaugeMetricFamily, Callable[[ModelStatus], float]]] = [
+            (GaugeMetricFamily("llmserve_queue_depth", "Requests waiting for a slot, by model.",
+                               labels=["model"]), lambda s: s.queued),
+            (GaugeMetricFamily("llmserve_slots_busy", "Slots generating now, by model.",
+                               labels=["model"]), lambda s: s.slots_busy),
+            (GaugeMetricFamily("llmserve_slots", "Slots of each loaded model (--parallel).",
+                               labels=["model"]), lambda s: s.slots),
+            (GaugeMetricFamily("llmserve_model_load_seconds", "How long loading each loaded "
+                               "model took.", labels=["model"]),
+             lambda s: s.info.load_seconds if s.info else 0.0),
+            (GaugeMetricFamily("llmserve_model_failed", "1 while a loaded model's engine has "
+                               "died (until it is reloaded).", labels=["model"]),
+             lambda s: float(s.failed)),
+        ]
+        for family, value in gauges:
+            for status in loaded:
+                family.add_metric([status.spec.id], value(status))
+            yield family
+        yield GaugeMetricFamily("llmserve_loaded_models", "Models loaded now.", value=len(loaded))
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -1,5 +1,8 @@
-"""GET /health: 200 when a model is loaded, 503 with the reason (loading, no_model)
-otherwise; both name the loaded and loading models."""
+"""GET /health: the state of every model the server knows of that is loaded or loading.
+
+200 while the loaded models all work; 503 with the reason otherwise: ``failed`` (a loaded
+model's engine died; ``failed`` names it), ``loading`` or ``no_model``. ``slots_busy`` and
+``queued`` are totals over the loaded models; ``models`` has each one's own."""
 
 from __future__ import annotations
 
@@ -7,23 +10,35 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from llmserve.registry import ModelStatus
 from llmserve.server.state import AppState
+
+
+def _model(status: ModelStatus) -> dict[str, object]:
+    return {"id": status.spec.id, "state": "failed" if status.failed else "ready",
+            "slots": status.slots, "slots_busy": status.slots_busy, "queued": status.queued}
 
 
 async def health(request: Request) -> JSONResponse:
     host = AppState.of(request).host
-    state = host.state
-    models = {"loaded": [s.spec.id for s in host.statuses() if s.state == "loaded"],
-              "loading": host.loading}
-    if state == "ready":
-        body: dict[str, object] = {"status": "ok", "models": models}
-        admission = host.admission
-        if admission is not None:
-            body["slots_busy"] = min(admission.in_system, admission.parallel)
-            body["queued"] = admission.waiting
+    loaded = [s for s in host.statuses() if s.state == "loaded"]
+    # host.loading, not the statuses: a model loaded by path is known only once it has loaded
+    loading = host.loading
+    failed = [s.spec.id for s in loaded if s.failed]
+    body: dict[str, object] = {
+        "status": "ok",
+        "models": [_model(s) for s in loaded] + [{"id": m, "state": "loading"} for m in loading],
+        "slots_busy": sum(s.slots_busy for s in loaded),
+        "queued": sum(s.queued for s in loaded),
+    }
+    if failed:
+        body["status"] = "failed"
+        body["failed"] = failed
+    elif not loaded:
+        body["status"] = "loading" if loading else "no_model"
+    else:
         return JSONResponse(body)
-    headers = {"Retry-After": "5"}
-    return JSONResponse({"status": state, "models": models}, status_code=503, headers=headers)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
 routes = [Route("/health", health, methods=["GET"]), Route("/v1/health", health, methods=["GET"])]
