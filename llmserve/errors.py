@@ -9,6 +9,7 @@ CLI turns them into one line and a non-zero exit. Nothing else maps exceptions t
     LlmserveError                      500 server_error
     ├── InvalidRequest                 400 invalid_request_error     (param names the field)
     │   ├── ContextLengthExceeded      400 context_length_exceeded   (413 on the native routes)
+    │   ├── UnsupportedParameter       400 unsupported_parameter     (a field not implemented yet)
     │   └── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
     ├── AuthenticationError            401 invalid_api_key
     ├── ModelNotFound                  404 model_not_found
@@ -78,6 +79,13 @@ class ContextLengthExceeded(InvalidRequest):
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.n_ctx = n_ctx
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A known API field whose semantics llmserve does not implement (yet): refused rather
+    than silently ignored. ``param`` names it."""
+
+    code = "unsupported_parameter"
 
 
 class ModelLoadError(InvalidRequest):

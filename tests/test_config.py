@@ -13,11 +13,11 @@ from llmserve.config import (
     DEFAULT_CTX,
     Settings,
     load_config,
-    parse_duration,
     resolve_settings,
     scan_models_dir,
 )
 from llmserve.errors import ConfigError
+from llmserve.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmserve.engine.types import EngineProtocol, Finish, SamplingParams, TokenEvent
+from llmserve.engine.types import EngineProtocol, Finish
 from llmserve.errors import InvalidRequest
+from llmserve.params import normalise
 from llmserve.protocol import native as nv
 from llmserve.server import sse
 from llmserve.server.errors import detail_errors, error_payload
@@ -24,11 +25,11 @@ from llmserve.server.generation import (
     Collected,
     Generation,
     Owner,
-    check_finish,
-    check_model,
     collect,
     collect_or_abandon,
     messages_for_template,
+    model_name,
+    relay,
     run_all,
     start,
 )
@@ -36,18 +37,6 @@ from llmserve.server.requests import parse
 from llmserve.server.state import AppState
 
 Build = Callable[[EngineProtocol], list[int]]
-
-
-def sampling_from(req: nv._Options) -> SamplingParams:
-    # Only the seed's knobs: min-p (on by default in llama.cpp) is off, do_sample false = greedy.
-    return SamplingParams(
-        temperature=req.temperature if req.do_sample else 0.0,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=0.0,
-        repeat_penalty=req.repetition_penalty,
-        seed=None if req.seed is None or req.seed < 0 else req.seed,
-    )
 
 
 def usage(*finishes: Finish) -> dict[str, int]:
@@ -66,12 +55,8 @@ def text_builder(text: str) -> Build:
 
 async def _begin(request: Request, req: nv._Options, build: Build) -> Generation:
     state = AppState.of(request)
-    model = check_model(state.host, req.model_id)
-    return await start(
-        state.host, build, model=model, requested_max_tokens=req.requested_max_tokens,
-        sampling=sampling_from(req), stop=req.stop_list(), limits=state.limits,
-        running=state.running, owner=Owner.of(request), cap_to_context=True,
-    )
+    return await start(state.host, build, normalise(req.wire(model=req.model_id)),
+                       limits=state.limits, running=state.running, owner=Owner.of(request))
 
 
 async def _run(
@@ -84,19 +69,9 @@ async def _run(
     return Response(status_code=499) if result is None else result
 
 
-async def _text_events(gen: Generation) -> AsyncGenerator[bytes, None]:
-    try:
-        async for ev in gen.events():
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield sse.text_event(ev.text)
-                continue
-            check_finish(ev)
-    except Exception as exc:
-        yield sse.event(error_payload(exc, "detail"), name="error")
-    finally:
-        gen.close()
-    yield sse.DONE
+def _text_events(gen: Generation) -> AsyncGenerator[bytes, None]:
+    return relay(gen, lambda ev: sse.text_event(ev.text) if ev.text else None, lambda _: (),
+                 lambda exc: sse.event(error_payload(exc, "detail"), name="error"), done=True)
 
 
 @detail_errors
@@ -144,7 +119,7 @@ async def generate_batch(request: Request) -> Response:
         finally:
             gen.close()
 
-    slots = state.host.current().info.n_parallel
+    slots = state.host.current(model_name(state.host, req.model_id)).info.n_parallel
     works = [functools.partial(one, p) for p in req.prompts]
     results = await sse.until_disconnect(request.receive, lambda: run_all(works, limit=slots))
     if results is None:
