@@ -473,7 +473,7 @@ def _is_off(name: str, value: Any, sent: Mapping[str, Any]) -> bool:
     if name == "tool_choice":  # "none"/"auto" mean nothing without tools
         return value in ("none", "auto") and not sent.get("tools")
     if name == "modalities":
-        return value == ["text"]
+        return bool(value == ["text"])
     return False
 
 

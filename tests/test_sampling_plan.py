@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from llmserve.engine.sampling import (
-    DEFAULT_ORDER,
     ChainPlan,
     VocabFacts,
     compile_params,

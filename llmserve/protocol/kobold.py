@@ -4,11 +4,12 @@ of ``sampler_order`` are params' rules."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmserve.params import WireModel
+from llmserve.params import Family, WireModel
 
 
 class _Request(BaseModel):
@@ -18,10 +19,12 @@ class _Request(BaseModel):
 class GenerateRequest(_Request, WireModel):
     """POST /api/v1/generate (the KoboldAI United API as KoboldCpp serves it)."""
 
-    FAMILY = "kobold"
-    RENAMES = {"max_length": "n_predict", "typical": "typical_p", "rep_pen": "repeat_penalty",
-               "rep_pen_range": "repeat_last_n", "nsigma": "top_n_sigma",
-               "bypass_eos": "ignore_eos", "sampler_seed": "seed", "stop_sequence": "stop"}
+    FAMILY: ClassVar[Family] = "kobold"
+    RENAMES: ClassVar[Mapping[str, str]] = {
+        "max_length": "n_predict", "typical": "typical_p", "rep_pen": "repeat_penalty",
+        "rep_pen_range": "repeat_last_n", "nsigma": "top_n_sigma", "bypass_eos": "ignore_eos",
+        "sampler_seed": "seed", "stop_sequence": "stop",
+    }
 
     prompt: str
     memory: str = ""

@@ -9,24 +9,28 @@ are params' rules, shared by every route family.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmserve.params import WireModel
+from llmserve.params import Family
 from llmserve.protocol.openai import ChatMessage
+from llmserve.protocol.sampling import LlamaCppSampling
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class CompletionRequest(_Request, WireModel):
+class CompletionRequest(_Request, LlamaCppSampling):
     """POST /completion (llama-server's native completion)."""
 
-    FAMILY = "llamacpp"
-    RENAMES = {"max_tokens": "n_predict", "max_new_tokens": "n_predict",
-               "num_predict": "n_predict", "stopping_strings": "stop"}
+    FAMILY: ClassVar[Family] = "llamacpp"
+    RENAMES: ClassVar[Mapping[str, str]] = {
+        "max_tokens": "n_predict", "max_new_tokens": "n_predict", "num_predict": "n_predict",
+        "stopping_strings": "stop",
+    }
 
     prompt: str | list[int | str]
     stream: bool = False
@@ -34,43 +38,12 @@ class CompletionRequest(_Request, WireModel):
     max_tokens: int | None = None
     max_new_tokens: int | None = None
     num_predict: int | None = None
-    temperature: float | None = None
-    dynatemp_range: float | None = None
-    dynatemp_exponent: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    top_n_sigma: float | None = None
-    xtc_probability: float | None = None
-    xtc_threshold: float | None = None
-    repeat_penalty: float | None = None
-    repeat_last_n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    dry_multiplier: float | None = None
-    dry_base: float | None = None
-    dry_allowed_length: int | None = None
-    dry_penalty_last_n: int | None = None
-    dry_sequence_breakers: Any = None
-    mirostat: int | None = None
-    mirostat_tau: float | None = None
-    mirostat_eta: float | None = None
-    min_keep: int | None = None
-    seed: int | None = None
-    ignore_eos: bool | None = None
-    samplers: Any = None
-    stop: Any = None
     stopping_strings: Any = None
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
-    logit_bias: Any = None
     n_probs: int | None = None
     cache_prompt: bool = True
     return_tokens: bool = False
     # swipes: several completions of one prompt
     n: int = Field(default=1, ge=1, le=16)
-    model: str | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -8,11 +8,12 @@ ceiling"; a larger request is capped, not refused.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmserve.params import WireModel
+from llmserve.params import Family, WireModel
 from llmserve.protocol.openai import ChatMessage
 
 MAX_BATCH_PROMPTS = 64
@@ -21,8 +22,10 @@ MAX_BATCH_PROMPTS = 64
 class _Options(WireModel):
     model_config = ConfigDict(extra="ignore")
 
-    FAMILY = "native"
-    RENAMES = {"max_length": "n_predict", "repetition_penalty": "repeat_penalty"}
+    FAMILY: ClassVar[Family] = "native"
+    RENAMES: ClassVar[Mapping[str, str]] = {
+        "max_length": "n_predict", "repetition_penalty": "repeat_penalty",
+    }
 
     model_id: str | None = None
     stream: bool = False

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AliasChoices,
@@ -19,7 +20,8 @@ from pydantic import (
 )
 
 from llmserve.ids import random_hex
-from llmserve.params import OPENAI_UNSUPPORTED, Wire, WireModel
+from llmserve.params import OPENAI_UNSUPPORTED, Family, Wire
+from llmserve.protocol.sampling import LlamaCppSampling
 from llmserve.units import Duration
 
 
@@ -102,53 +104,25 @@ class ResponseFormat(BaseModel):
         return None
 
 
-class _Sampling(_Request, WireModel):
+class _Sampling(_Request, LlamaCppSampling):
     """Generation fields shared by chat and text completions: OpenAI's names plus llama.cpp's
     (and the aliases SillyTavern's backends send). Bounds, defaults and conversions: params."""
 
-    FAMILY = "openai"
-    RENAMES = {"max_completion_tokens": "n_predict", "max_tokens": "n_predict",
-               "repetition_penalty": "repeat_penalty", "rep_pen": "repeat_penalty",
-               "typical": "typical_p"}
+    FAMILY: ClassVar[Family] = "openai"
+    RENAMES: ClassVar[Mapping[str, str]] = {
+        "max_completion_tokens": "n_predict", "max_tokens": "n_predict",
+        "repetition_penalty": "repeat_penalty", "rep_pen": "repeat_penalty",
+        "typical": "typical_p",
+    }
     UNSUPPORTED = OPENAI_UNSUPPORTED
 
-    model: str | None = None
     max_completion_tokens: int | None = None
     max_tokens: int | None = None
-    temperature: float | None = None
-    dynatemp_range: float | None = None
-    dynatemp_exponent: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
+    # SillyTavern's other spellings
     typical: float | None = None
-    top_n_sigma: float | None = None
-    xtc_probability: float | None = None
-    xtc_threshold: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repeat_penalty: float | None = None
     repetition_penalty: float | None = None
     rep_pen: float | None = None
-    repeat_last_n: int | None = None
-    dry_multiplier: float | None = None
-    dry_base: float | None = None
-    dry_allowed_length: int | None = None
-    dry_penalty_last_n: int | None = None
-    dry_sequence_breakers: Any = None
-    mirostat: int | None = None
-    mirostat_tau: float | None = None
-    mirostat_eta: float | None = None
-    min_keep: int | None = None
-    seed: int | None = None
-    ignore_eos: bool | None = None
-    samplers: Any = None
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
-    stop: Any = None
-    logit_bias: Any = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

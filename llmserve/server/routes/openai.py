@@ -100,13 +100,13 @@ async def chat_completions(request: Request) -> Response:
     cid, created = oa.new_id("chatcmpl"), oa.now()
     if req.stream:
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-        body = _chunks(
+        chunks = _chunks(
             gen, head, _include_usage(req),
             lambda text: {"delta": {} if text is None else {"content": text}},
             # the role in the first delta, as the openai SDK expects
             opening={"delta": {"role": "assistant", "content": ""}},
         )
-        return sse.EventStreamResponse(body, on_close=gen.close)
+        return sse.EventStreamResponse(chunks, on_close=gen.close)
     result = await collect_or_abandon(request, gen)
     if result is None:
         return Response(status_code=499)
@@ -143,9 +143,9 @@ async def completions(request: Request) -> Response:
     prefix = text if req.echo else ""
     if req.stream:
         head = {"id": cid, "object": "text_completion", "created": created, "model": model}
-        body = _chunks(gen, head, _include_usage(req), lambda t: {"text": t or ""},
-                       opening={"text": prefix} if prefix else None)
-        return sse.EventStreamResponse(body, on_close=gen.close)
+        chunks = _chunks(gen, head, _include_usage(req), lambda t: {"text": t or ""},
+                         opening={"text": prefix} if prefix else None)
+        return sse.EventStreamResponse(chunks, on_close=gen.close)
     result = await collect_or_abandon(request, gen)
     if result is None:
         return Response(status_code=499)
