@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from llmserve.engine.types import EngineProtocol, Finish
 from llmserve.errors import InvalidRequest
-from llmserve.params import normalise
+from llmserve.params import Params, normalise
 from llmserve.protocol import native as nv
 from llmserve.server import sse
 from llmserve.server.errors import detail_errors, error_payload
@@ -28,7 +28,6 @@ from llmserve.server.generation import (
     collect,
     collect_or_abandon,
     messages_for_template,
-    model_name,
     relay,
     run_all,
     start,
@@ -53,16 +52,16 @@ def text_builder(text: str) -> Build:
     return build
 
 
-async def _begin(request: Request, req: nv._Options, build: Build) -> Generation:
+async def _begin(request: Request, params: Params, build: Build) -> Generation:
     state = AppState.of(request)
-    return await start(state.host, build, normalise(req.wire(model=req.model_id)),
-                       limits=state.limits, running=state.running, owner=Owner.of(request))
+    return await start(state.host, build, params, limits=state.limits, running=state.running,
+                       owner=Owner.of(request))
 
 
 async def _run(
     request: Request, req: nv._Options, build: Build
 ) -> Response | sse.EventStreamResponse | Collected:
-    gen = await _begin(request, req, build)
+    gen = await _begin(request, normalise(req.wire(model=req.model_id)), build)
     if req.stream:
         return sse.EventStreamResponse(_text_events(gen), on_close=gen.close)
     result = await collect_or_abandon(request, gen)
@@ -106,22 +105,30 @@ async def chat(request: Request) -> Response | sse.EventStreamResponse:
 async def generate_batch(request: Request) -> Response:
     """Every prompt through the slots at once (at most one per slot at a time from this
     batch, so a batch never fills the queue by itself); responses in input order."""
-    state = AppState.of(request)
     req = await parse(request, nv.BatchRequest)
     if req.stream:
         raise InvalidRequest("/generate/batch does not stream; send stream: false",
                              param="stream")
 
-    async def one(prompt: str) -> Collected:
-        gen = await _begin(request, req, text_builder(prompt))
+    params = normalise(req.wire(model=req.model_id))
+
+    async def one(prompt: str, started: Generation | None = None) -> Collected:
+        gen = started or await _begin(request, params, text_builder(prompt))
         try:
             return await collect(gen.stream)
         finally:
             gen.close()
 
-    slots = state.host.current(model_name(state.host, req.model_id)).info.n_parallel
-    works = [functools.partial(one, p) for p in req.prompts]
-    results = await sse.until_disconnect(request.receive, lambda: run_all(works, limit=slots))
+    # the first prompt loads the model if needed, and tells how many slots it has
+    first = await _begin(request, params, text_builder(req.prompts[0]))
+    slots = first.lease.engine.info.n_parallel
+    works = [functools.partial(one, req.prompts[0], first),
+             *(functools.partial(one, p) for p in req.prompts[1:])]
+    try:
+        results = await sse.until_disconnect(request.receive,
+                                             lambda: run_all(works, limit=slots))
+    finally:
+        first.close()  # idempotent; covers a batch cancelled before its first work ran
     if results is None:
         return Response(status_code=499)
     return JSONResponse({"responses": [r.text for r in results],
