@@ -451,7 +451,8 @@ def _token_id(key: Any, *, keys_are_text: bool, bad: Any) -> int:
 def refuse_unsupported(sent: Mapping[str, Any]) -> None:
     """An OpenAI field we do not implement, with a value that asks for it → 400
     ``unsupported_parameter``. Values that mean "off" pass: SillyTavern and the openai SDK
-    send some (``n: 1``, ``logprobs: false``, ``tools: []``, ``tool_choice: "none"``)."""
+    send some (``n: 1``, ``logprobs: false``, ``tools: []``, ``tool_choice: "none"``; "auto"
+    without tools)."""
     for name, value in sent.items():
         if name in ("n", "best_of") and isinstance(value, int) and not isinstance(value, bool) \
                 and value < 1:
@@ -470,8 +471,9 @@ def _is_off(name: str, value: Any, sent: Mapping[str, Any]) -> bool:
         return value == 1 and not isinstance(value, bool)
     if name in ("logprobs", "top_logprobs"):
         return value == 0 and not isinstance(value, bool)
-    if name == "tool_choice":  # "none"/"auto" mean nothing without tools
-        return value in ("none", "auto") and not sent.get("tools")
+    if name in ("tool_choice", "function_call"):  # "none"/"auto" mean nothing without tools
+        tools = sent.get("tools" if name == "tool_choice" else "functions")
+        return value in ("none", "auto") and not tools
     if name == "modalities":
         return bool(value == ["text"])
     return False
