@@ -176,9 +176,14 @@ class WireModel(BaseModel):
     FAMILY: ClassVar[Family]
     RENAMES: ClassVar[Mapping[str, str]] = {}
     UNSUPPORTED: ClassVar[Sequence[str]] = ()
+    # the field that names the model
+    MODEL_FIELD: ClassVar[str] = "model"
 
-    def wire(self, *, model: str | None = None,
-             keep_alive: float | Literal["model"] | None = "model") -> Wire:
+    def keep_alive_seconds(self) -> float | Literal["model"] | None:
+        """How long the model stays loaded once idle (None = forever); "model": its own."""
+        return "model"
+
+    def wire(self) -> Wire:
         values: dict[str, Any] = {}
         names: dict[str, str] = {}
         stops: list[tuple[str, Any]] = []
@@ -194,7 +199,9 @@ class WireModel(BaseModel):
                 names[key] = name
         unsupported = {n: getattr(self, n) for n in self.UNSUPPORTED
                        if getattr(self, n, None) is not None}
-        return Wire(self.FAMILY, values, names, tuple(stops), unsupported, model, keep_alive)
+        model = getattr(self, self.MODEL_FIELD, None)
+        return Wire(self.FAMILY, values, names, tuple(stops), unsupported, model,
+                    self.keep_alive_seconds())
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
     req = oa.ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "x"}], "max_tokens": 9,
          "max_completion_tokens": 5})
-    assert normalise(req.to_wire()).max_tokens == 5
+    assert normalise(req.wire()).max_tokens == 5
 
 
 def test_response_format_is_the_json_schema_and_named_so() -> None:
@@ -299,7 +299,7 @@ def test_response_format_is_the_json_schema_and_named_so() -> None:
         {"messages": [{"role": "user", "content": "x"}], "grammar": "root ::= x",
          "response_format": {"type": "json_object"}})
     with pytest.raises(InvalidRequest) as err:
-        normalise(req.to_wire())
+        normalise(req.wire())
     assert err.value.param == "grammar"
-    p = normalise(req.model_copy(update={"grammar": None}).to_wire())
+    p = normalise(req.model_copy(update={"grammar": None}).wire())
     assert p.client["json_schema"] == {} and p.wire_name("json_schema") == "response_format"

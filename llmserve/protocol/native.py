@@ -23,6 +23,7 @@ class _Options(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     FAMILY: ClassVar[Family] = "native"
+    MODEL_FIELD: ClassVar[str] = "model_id"
     RENAMES: ClassVar[Mapping[str, str]] = {
         "max_length": "n_predict", "repetition_penalty": "repeat_penalty",
     }

@@ -148,15 +148,14 @@ class _Sampling(_Request, LlamaCppSampling):
     reasoning_effort: Any = None
 
     def keep_alive_seconds(self) -> float | Literal["model"] | None:
-        """The request's keep-alive in seconds (None = forever), or "model" if it gave none."""
         if "keep_alive" in self.model_fields_set:
             return self.keep_alive
         if "ttl" in self.model_fields_set and self.ttl is not None:
             return None if self.ttl < 0 else self.ttl
         return "model"
 
-    def to_wire(self) -> Wire:
-        wire = self.wire(model=self.model, keep_alive=self.keep_alive_seconds())
+    def wire(self) -> Wire:
+        wire = super().wire()
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return wire

@@ -47,7 +47,7 @@ async def _begin(request: Request) -> tuple[kb.GenerateRequest, Generation]:
     def build(engine: EngineProtocol) -> list[int]:
         return engine.tokenize(text, add_special=True)
 
-    gen = await start(state.host, build, normalise(req.wire(model=req.model)),
+    gen = await start(state.host, build, normalise(req.wire()),
                       limits=state.limits, running=state.running,
                       owner=Owner.of(request, req.genkey))
     return req, gen

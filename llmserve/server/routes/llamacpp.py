@@ -164,7 +164,7 @@ async def completion(request: Request) -> Response | sse.EventStreamResponse:
     req = await parse(request, lc.CompletionRequest)
     if req.n > 1 and req.stream:
         raise InvalidRequest("n > 1 (several completions) needs stream: false", param="n")
-    params = normalise(req.wire(model=req.model))
+    params = normalise(req.wire())
     build = prompt_builder(req.prompt)
     owner = Owner.of(request)
 

@@ -61,7 +61,7 @@ async def _begin(request: Request, params: Params, build: Build) -> Generation:
 async def _run(
     request: Request, req: nv._Options, build: Build
 ) -> Response | sse.EventStreamResponse | Collected:
-    gen = await _begin(request, normalise(req.wire(model=req.model_id)), build)
+    gen = await _begin(request, normalise(req.wire()), build)
     if req.stream:
         return sse.EventStreamResponse(_text_events(gen), on_close=gen.close)
     result = await collect_or_abandon(request, gen)
@@ -110,7 +110,7 @@ async def generate_batch(request: Request) -> Response:
         raise InvalidRequest("/generate/batch does not stream; send stream: false",
                              param="stream")
 
-    params = normalise(req.wire(model=req.model_id))
+    params = normalise(req.wire())
 
     async def one(prompt: str, started: Generation | None = None) -> Collected:
         gen = started or await _begin(request, params, text_builder(prompt))

@@ -55,7 +55,7 @@ async def _start(
 ) -> Generation:
     """Admit and submit an OpenAI request (both endpoints share every generation option)."""
     state = AppState.of(request)
-    return await start(state.host, build, normalise(req.to_wire()), limits=state.limits,
+    return await start(state.host, build, normalise(req.wire()), limits=state.limits,
                        running=state.running, owner=Owner.of(request))
 
 
