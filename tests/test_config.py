@@ -73,8 +73,8 @@ def test_example_config_is_valid() -> None:
         ("[modles.a]\npath = 'a.gguf'", ["modles", "unknown key"]),
     ],
     ids=["bad-toml", "unknown-server-key", "port-type", "port-range", "ttl", "sampling-name",
-         "sampling-type", "sampling-bound", "sampling-sampler", "missing-path", "ctx-negative", "cache-type", "flash-attn",
-         "unknown-table"],
+         "sampling-type", "sampling-bound", "sampling-sampler", "missing-path", "ctx-negative",
+         "cache-type", "flash-attn", "unknown-table"],
 )
 def test_config_errors_name_file_key_and_expectation(
     tmp_path: Path, toml: str, fragments: list[str]
