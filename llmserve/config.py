@@ -25,8 +25,10 @@ from pydantic import (
 )
 
 from llmserve.engine.types import SamplingParams
-from llmserve.errors import ConfigError
+from llmserve.errors import ConfigError, InvalidRequest
 from llmserve.gguf_info import SPLIT_PATTERN
+from llmserve.params import checked_sampling
+from llmserve.units import Duration
 
 DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PORT = 8080
@@ -109,38 +111,6 @@ def read_chat_template(value: str | None) -> str | None:
 DEFAULT_MAX_LOADED_MODELS = 1
 
 
-def parse_duration(value: object) -> float | None:
-    """Seconds from a keep-alive value: a number of seconds or a string like "90", "30s", "5m",
-    "1h30m". Negative means forever (None); 0 means unload as soon as the model is idle."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"expected a duration like 300, \"5m\" or -1, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        try:
-            seconds = float(text)
-        except ValueError:
-            m = _DURATION.fullmatch(text)
-            if m is None or not text:
-                raise ValueError(
-                    f"expected a duration like 300, \"5m\", \"1h30m\" or -1, got {value!r}"
-                ) from None
-            sign = -1.0 if text.startswith("-") else 1.0
-            seconds = sign * sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
-    else:
-        raise ValueError(f"expected a duration like 300, \"5m\" or -1, got {value!r}")
-    return None if seconds < 0 else seconds
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION = re.compile(r"-?(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
-
-# None stays None (forever): TOML has no null, so only our own code passes it.
-Duration = Annotated[
-    float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
-]
 def _flash_attn(value: object) -> object:
     """``--flash-attn`` and the config key: auto, on/off (or TOML true/false)."""
     if isinstance(value, str):
@@ -170,7 +140,10 @@ def _sampling_defaults(value: object) -> dict[str, Any]:
         raise ValueError(f"unknown sampling parameter {unknown[0]!r}; known: "
                          + ", ".join(sorted(names)))
     checked = TypeAdapter(SamplingParams).validate_python(value)
-    return {name: getattr(checked, name) for name in value}
+    try:  # the bounds and forms every request meets (params.py)
+        return checked_sampling({name: getattr(checked, name) for name in value})
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None
 
 
 SamplingDefaults = Annotated[dict[str, Any], BeforeValidator(_sampling_defaults)]

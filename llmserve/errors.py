@@ -11,6 +11,7 @@ CLI turns them into one line and a non-zero exit. Nothing else maps exceptions t
     │   ├── ContextLengthExceeded      400 context_length_exceeded   (413 on the native routes)
     │   ├── GrammarDeadEnd             400 grammar_dead_end          (the request's constraints
     │   │                                                             leave no token to sample)
+    │   ├── UnsupportedParameter       400 unsupported_parameter     (a field not implemented yet)
     │   └── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
     ├── AuthenticationError            401 invalid_api_key
     ├── ModelNotFound                  404 model_not_found
@@ -90,6 +91,13 @@ class GrammarDeadEnd(InvalidRequest):
     where it happens (mid-stream it reaches the client as an error event)."""
 
     code = "grammar_dead_end"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A known API field whose semantics llmserve does not implement (yet): refused rather
+    than silently ignored. ``param`` names it."""
+
+    code = "unsupported_parameter"
 
 
 class ModelLoadError(InvalidRequest):

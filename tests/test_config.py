@@ -13,11 +13,11 @@ from llmserve.config import (
     DEFAULT_CTX,
     Settings,
     load_config,
-    parse_duration,
     resolve_settings,
     scan_models_dir,
 )
 from llmserve.errors import ConfigError
+from llmserve.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +61,9 @@ def test_example_config_is_valid() -> None:
         ("[server.sampling]\ntemprature = 1", ["[server] sampling", "unknown sampling",
                                                "temprature"]),
         ("[server.sampling]\ntop_k = 'many'", ["[server] sampling", "top_k"]),
+        ("[server.sampling]\ntemperature = -1", ["[server] sampling", "temperature",
+                                                  "at least 0"]),
+        ("[server.sampling]\nsamplers = ['top_k', 'magic']", ["[server] sampling", "magic"]),
         ("[models.a]\nctx_size = 1", ["[models.a] path", "required key is missing"]),
         ("[models.a]\npath = 'a.gguf'\nctx_size = -1", ["[models.a] ctx_size",
                                                         "greater than or equal to 0"]),
@@ -70,8 +73,8 @@ def test_example_config_is_valid() -> None:
         ("[modles.a]\npath = 'a.gguf'", ["modles", "unknown key"]),
     ],
     ids=["bad-toml", "unknown-server-key", "port-type", "port-range", "ttl", "sampling-name",
-         "sampling-type", "missing-path", "ctx-negative", "cache-type", "flash-attn",
-         "unknown-table"],
+         "sampling-type", "sampling-bound", "sampling-sampler", "missing-path", "ctx-negative",
+         "cache-type", "flash-attn", "unknown-table"],
 )
 def test_config_errors_name_file_key_and_expectation(
     tmp_path: Path, toml: str, fragments: list[str]

@@ -9,13 +9,11 @@ from typing import Any
 import pytest
 
 from llmserve.engine.sampling import (
-    DEFAULT_ORDER,
     ChainPlan,
     VocabFacts,
     compile_params,
     plan_chain,
     resolve_seed,
-    sampler_order,
 )
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import InvalidRequest
@@ -168,20 +166,6 @@ def test_sampler_order_is_honoured() -> None:
     ]
     # a sampler left out of the order does not run, whatever its value
     assert plan(top_k=5, samplers=("temperature",)).names == ["temp_ext", "dist"]
-
-
-@pytest.mark.parametrize(
-    ("names", "kinds"),
-    [
-        pytest.param(["typ_p", "typical_p", "typical", "typ"], ["typical"] * 4, id="typical"),
-        pytest.param(["top-k", "topk", "TOP_K"], ["top_k"] * 3, id="top_k-spellings"),
-        pytest.param(["nucleus", "temp", "min-p"], ["top_p", "temperature", "min_p"],
-                     id="aliases"),
-        pytest.param(list("edskypmxt"), list(DEFAULT_ORDER), id="one-letter-string-form"),
-    ],
-)
-def test_sampler_names_as_clients_send_them(names: list[str], kinds: list[str]) -> None:
-    assert list(sampler_order(names)) == kinds
 
 
 @pytest.mark.parametrize(

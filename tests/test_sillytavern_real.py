@@ -242,7 +242,6 @@ def test_seed_routes_stream_and_chat(real_server: ServerProcess) -> None:
                      id="chat-too-long"),
         pytest.param("/generate", {"prompt": "x", "temperature": "hot"}, 400, id="bad-temp"),
         pytest.param("/generate/batch", {"prompts": "x"}, 400, id="batch-not-list"),
-        pytest.param("/generate", {"prompt": "x", "model_id": "gpt-4"}, 404, id="bad-model"),
     ],
 )
 def test_seed_route_errors(real_server: ServerProcess, path: str, body: dict[str, Any],

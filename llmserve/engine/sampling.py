@@ -39,27 +39,11 @@ from typing import Any
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import InvalidRequest
 
-# llama.cpp's default order (common_params_sampling::samplers).
+# llama.cpp's default order (common_params_sampling::samplers). SamplingParams.samplers holds
+# these canonical names: params.py reads every client spelling into them.
 DEFAULT_ORDER = (
-    "penalties", "dry", "top_n_sigma", "top_k", "typical", "top_p", "min_p", "xtc", "temperature",
+    "penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature",
 )
-
-# Names as clients send them (common_sampler_types_from_names: canonical, kebab-case, no dash,
-# and a few aliases; plus "typical_p"/"typical", the parameter names SillyTavern and KoboldCpp
-# use) → the step kind. Single characters are llama.cpp's string form ("edskypmxt").
-_CANONICAL = {
-    "penalties": "penalties", "dry": "dry", "top_n_sigma": "top_n_sigma", "top_k": "top_k",
-    "typ_p": "typical", "typical_p": "typical", "top_p": "top_p", "min_p": "min_p", "xtc": "xtc",
-    "temperature": "temperature",
-}
-SAMPLER_NAMES: dict[str, str] = {
-    **{name.replace("_", "-"): kind for name, kind in _CANONICAL.items()},
-    **{name.replace("_", ""): kind for name, kind in _CANONICAL.items()},
-    **_CANONICAL,
-    "nucleus": "top_p", "temp": "temperature", "typ": "typical", "typical": "typical",
-    "e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typical", "p": "top_p",
-    "m": "min_p", "x": "xtc", "t": "temperature",
-}
 
 MIROSTAT_M = 100  # llama.cpp's fixed m for mirostat 1
 
@@ -108,17 +92,15 @@ class VocabFacts:
 
 
 def sampler_order(names: Sequence[str]) -> tuple[str, ...]:
-    """Client sampler names → step kinds; unknown names are a 400 naming ``samplers``."""
-    kinds: list[str] = []
-    for name in names:
-        kind = SAMPLER_NAMES.get(name.strip().lower())
-        if kind is None:
-            known = ", ".join(_CANONICAL)
-            raise InvalidRequest(
-                f"invalid 'samplers': unknown sampler {name!r}; known: {known}", param="samplers"
-            )
-        kinds.append(kind)
-    return tuple(kinds)
+    """The canonical names (params.sampler_order made them so); anything else is a 400 naming
+    ``samplers``."""
+    unknown = [n for n in names if n not in DEFAULT_ORDER]
+    if unknown:
+        raise InvalidRequest(
+            f"invalid 'samplers': unknown sampler {unknown[0]!r}; known: "
+            + ", ".join(DEFAULT_ORDER), param="samplers",
+        )
+    return tuple(names)
 
 
 def compile_json_schema(schema: dict[str, Any]) -> str:
@@ -200,7 +182,7 @@ def _ordered_step(
             return SamplerStep("top_n_sigma", (p.top_n_sigma,)) if p.top_n_sigma > 0 else None
         case "top_k":
             return SamplerStep("top_k", (min(p.top_k, vocab.n_vocab),)) if p.top_k > 0 else None
-        case "typical":
+        case "typ_p":
             return SamplerStep("typical", (p.typical_p, keep)) if p.typical_p < 1.0 else None
         case "top_p":
             return SamplerStep("top_p", (p.top_p, keep)) if p.top_p < 1.0 else None

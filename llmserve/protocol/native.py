@@ -1,47 +1,43 @@
 """The seed API's native wire models (/generate, /chat, /generate/batch). No I/O here.
 
-Defaults follow the seed document, not llama.cpp: temperature 0.7, top_p 0.9, top_k 80,
-repetition_penalty 1.15, do_sample true (false = greedy). ``max_length`` omitted, 0 or -1 means
-"as many as fit in the context, up to the server ceiling"; a larger request is capped, not refused.
+The seed document's defaults (temperature 0.7, top_p 0.9, top_k 80, repetition_penalty 1.15,
+min-p off) are params' FAMILY_DEFAULTS, below a model's configured ones; ``do_sample`` false is
+greedy. ``max_length`` omitted, 0 or -1 means "as many as fit in the context, up to the server
+ceiling"; a larger request is capped, not refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmserve.protocol.llamacpp import stop_strings
+from llmserve.params import Family, WireModel
 from llmserve.protocol.openai import ChatMessage
 
 MAX_BATCH_PROMPTS = 64
 
 
-class _Options(BaseModel):
+class _Options(WireModel):
     model_config = ConfigDict(extra="ignore")
+
+    FAMILY: ClassVar[Family] = "native"
+    MODEL_FIELD: ClassVar[str] = "model_id"
+    RENAMES: ClassVar[Mapping[str, str]] = {
+        "max_length": "n_predict", "repetition_penalty": "repeat_penalty",
+    }
 
     model_id: str | None = None
     stream: bool = False
-    max_length: int | None = Field(default=None, ge=-1)
-    temperature: float = Field(default=0.7, ge=0.0)
-    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    top_k: int = Field(default=80, ge=0)
-    repetition_penalty: float = Field(default=1.15, gt=0.0)
+    max_length: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     do_sample: bool = True
     seed: int | None = None
-    stop: str | list[str] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and not all(isinstance(s, str) for s in v):
-            raise ValueError("must be a string or a list of strings")
-        return v
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return None if self.max_length in (None, 0, -1) else self.max_length
-
-    def stop_list(self) -> list[str]:
-        return stop_strings(self.stop)
+    stop: Any = None
 
 
 class GenerateRequest(_Options):

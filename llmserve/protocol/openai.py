@@ -5,9 +5,10 @@ Requests ignore unknown keys: SillyTavern and others forward whole settings obje
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AliasChoices,
@@ -18,23 +19,10 @@ from pydantic import (
     model_validator,
 )
 
-from llmserve.config import Duration
 from llmserve.ids import random_hex
-
-T = TypeVar("T")
-
-
-def sequence_breakers(v: Any) -> Any:
-    """DRY sequence breakers as a list. SillyTavern keeps the setting as JSON text and some
-    builds send it unparsed: a JSON array in a string is read as the list, any other string is
-    one breaker (llama-server's reading)."""
-    if isinstance(v, str):
-        try:
-            parsed = json.loads(v)
-        except json.JSONDecodeError:
-            return [v]
-        return parsed if isinstance(parsed, list) else [v]
-    return v
+from llmserve.params import OPENAI_UNSUPPORTED, Family, Wire
+from llmserve.protocol.sampling import LlamaCppSampling
+from llmserve.units import Duration
 
 
 class _Request(BaseModel):
@@ -116,117 +104,75 @@ class ResponseFormat(BaseModel):
         return None
 
 
-def _finite(
-    *names: str, ge: float | None = None, gt: float | None = None, le: float | None = None
-) -> Any:
-    """An optional finite number field; ``names`` are accepted aliases besides the field's own
-    name (the first one)."""
-    alias = AliasChoices(*names) if len(names) > 1 else None
-    return Field(default=None, allow_inf_nan=False, validation_alias=alias, ge=ge, gt=gt, le=le)
+class _Sampling(_Request, LlamaCppSampling):
+    """Generation fields shared by chat and text completions: OpenAI's names plus llama.cpp's
+    (and the aliases SillyTavern's backends send). Bounds, defaults and conversions: params."""
 
+    FAMILY: ClassVar[Family] = "openai"
+    RENAMES: ClassVar[Mapping[str, str]] = {
+        "max_completion_tokens": "n_predict", "max_tokens": "n_predict",
+        "repetition_penalty": "repeat_penalty", "rep_pen": "repeat_penalty",
+        "typical": "typical_p",
+    }
+    UNSUPPORTED = OPENAI_UNSUPPORTED
 
-INT32_MAX = 2**31 - 1  # llama.cpp's int32_t parameters
-
-
-class _Sampling(_Request):
-    """Sampling fields shared by chat and text completions: OpenAI's names plus llama.cpp's
-    (and the aliases SillyTavern's backends send). Names match SamplingParams."""
-
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = _finite("temperature", ge=0.0)
-    dynatemp_range: float | None = _finite("dynatemp_range", ge=0.0)
-    dynatemp_exponent: float | None = _finite("dynatemp_exponent", ge=0.0)
-    top_p: float | None = _finite("top_p", ge=0.0, le=1.0)
-    # -1 and 0 both mean off (vLLM clients send -1)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = _finite("min_p", ge=0.0, le=1.0)
-    typical_p: float | None = _finite("typical_p", "typical", ge=0.0, le=1.0)
-    top_n_sigma: float | None = _finite("top_n_sigma")
-    xtc_probability: float | None = _finite("xtc_probability", ge=0.0, le=1.0)
-    xtc_threshold: float | None = _finite("xtc_threshold", ge=0.0, le=1.0)
-    presence_penalty: float | None = _finite("presence_penalty", ge=-2.0, le=2.0)
-    frequency_penalty: float | None = _finite("frequency_penalty", ge=-2.0, le=2.0)
-    repeat_penalty: float | None = _finite(
-        "repeat_penalty", "repetition_penalty", "rep_pen", gt=0.0
-    )
-    # -1 = the whole context
-    repeat_last_n: int | None = Field(default=None, ge=-1)
-    dry_multiplier: float | None = _finite("dry_multiplier", ge=0.0)
-    dry_base: float | None = _finite("dry_base", ge=1.0)
-    dry_allowed_length: int | None = Field(default=None, ge=0, le=INT32_MAX)
-    dry_penalty_last_n: int | None = Field(default=None, ge=-1)
-    # a JSON array of strings, or that array as a JSON string (text-generation-webui's form)
-    dry_sequence_breakers: list[str] | None = None
-    mirostat: int | None = Field(default=None, ge=0, le=2)
-    mirostat_tau: float | None = _finite("mirostat_tau", ge=0.0)
-    mirostat_eta: float | None = _finite("mirostat_eta", ge=0.0)
-    min_keep: int | None = Field(default=None, ge=0, le=INT32_MAX)
-    seed: int | None = None
-    ignore_eos: bool | None = None
-    # sampler order: llama.cpp names, or its one-letter string form ("edskypmxt")
-    samplers: list[str] | str | None = None
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None
+    # SillyTavern's other spellings
+    typical: float | None = None
+    repetition_penalty: float | None = None
+    rep_pen: float | None = None
     response_format: ResponseFormat | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # OpenAI's {"token id": bias} or llama.cpp's [[token id, bias | false], ...]
-    logit_bias: dict[str, float | bool] | list[Any] | None = None
     user: str | None = None
     # How long the model stays loaded once idle: LM Studio's ttl (seconds), Ollama's keep_alive
     # ("5m", seconds; negative = forever, 0 = unload after this request).
     ttl: float | None = None
     keep_alive: Duration = None
+    # not implemented (params.OPENAI_UNSUPPORTED): refused unless "off"
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    n: Any = None
+    best_of: Any = None
+    chat_template_kwargs: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
 
-    def keep_alive_seconds(self, default: T) -> float | T | None:
-        """The request's keep-alive in seconds (None = forever), or ``default`` if it gave
-        none."""
+    def keep_alive_seconds(self) -> float | Literal["model"] | None:
         if "keep_alive" in self.model_fields_set:
             return self.keep_alive
         if "ttl" in self.model_fields_set and self.ttl is not None:
             return None if self.ttl < 0 else self.ttl
-        return default
+        return "model"
 
-    def explicit_fields(self) -> set[str]:
-        """The fields this request set to a value (not null)."""
-        return {name for name in self.model_fields_set if getattr(self, name) is not None}
-
-    _breakers = field_validator("dry_sequence_breakers", mode="before")(sequence_breakers)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and not all(isinstance(s, str) for s in v):
-            raise ValueError("stop must be a string or a list of strings")
-        return v
-
-    @field_validator("logit_bias", mode="before")
-    @classmethod
-    def _empty_bias(cls, v: object) -> object:
-        return None if v == [] else v  # SillyTavern sends [] for "no biases"
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+    def wire(self) -> Wire:
+        wire = super().wire()
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return wire
+        # llama-server: response_format wins over json_schema
+        values = {**wire.values, "json_schema": fmt.schema_or_none()}
+        names = {**wire.names, "json_schema": "response_format"}
+        return dataclasses.replace(wire, values=values, names=names)
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
-    suffix: str | None = None
+    suffix: Any = None
 
     @field_validator("prompt")
     @classmethod
@@ -238,10 +184,6 @@ class CompletionRequest(_Sampling):
     @property
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
 
 
 class LoadModelRequest(_Request):

@@ -11,9 +11,7 @@ the request-tracking middleware sets), which sees every event the route consumes
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -35,8 +33,8 @@ from llmserve.errors import (
     InvalidRequest,
     LlmserveError,
 )
+from llmserve.params import Params
 from llmserve.protocol import openai as oa
-from llmserve.protocol.llamacpp import logit_bias_pairs as llamacpp_logit_bias
 from llmserve.registry import KEEP, Lease, ModelHost
 from llmserve.server import sse
 
@@ -86,19 +84,6 @@ def resolve_max_tokens(
     return budget
 
 
-LogitBias = dict[str, float | bool] | list[Any]
-
-
-def logit_bias_pairs(bias: LogitBias | None) -> tuple[tuple[int, float], ...]:
-    """OpenAI's ``{"token id": bias}`` or llama.cpp's ``[[token id, bias|false], ...]`` →
-    pairs; ``false`` bans the token. One parser serves every route family. Token ids are
-    checked against the vocabulary later, by the engine."""
-    try:
-        return llamacpp_logit_bias(bias)
-    except ValueError as exc:
-        raise InvalidRequest(f"invalid 'logit_bias': {exc}", param="logit_bias") from None
-
-
 def messages_for_template(messages: Sequence[oa.ChatMessage]) -> list[dict[str, Any]]:
     """Chat messages as the Jinja template sees them (text only; extra keys kept)."""
     out: list[dict[str, Any]] = []
@@ -114,19 +99,21 @@ def messages_for_template(messages: Sequence[oa.ChatMessage]) -> list[dict[str, 
     return out
 
 
-def check_model(host: ModelHost, requested: str | None) -> str | None:
-    """Native routes that name a model (by id, alias or the loaded file's path): the id to
-    serve it with, or 404 for a name nobody knows."""
+def model_name(host: ModelHost, requested: str | None) -> str | None:
+    """The model a request names — an id, an alias or a known model's GGUF path — as the id
+    to hand ``ModelHost.acquire``/``borrow``/``current``; None (no name) is the host's
+    default. An unknown name is a 404 listing the known ids (when several are known: with one,
+    any name is that model, as clients send arbitrary ones). Every route family resolves its
+    ``model`` here."""
     if not requested:
         return None
-    loaded = host.engine
-    if loaded is not None and requested in (loaded.info.id, loaded.info.path):
-        return loaded.info.id
-    return host.lookup(requested).id
-
-
-
-
+    for status in host.statuses():
+        paths = {str(status.spec.path)}
+        if status.info is not None:
+            paths.add(status.info.path)
+        if requested in paths:
+            return status.spec.id
+    return host.resolve(requested).id
 
 
 @dataclass
@@ -177,14 +164,48 @@ async def collect_or_abandon(request: Request, gen: Generation) -> Collected | N
         gen.close()
 
 
-async def borrowed(host: ModelHost, work: Callable[[EngineProtocol], T]) -> T:
-    """Run a quick engine read (tokenise, detokenise, render a template) off the event loop,
-    holding the engine so it cannot be unloaded underneath."""
-    lease = host.borrow()
+async def borrowed(host: ModelHost, work: Callable[[EngineProtocol], T],
+                   model: str | None = None) -> T:
+    """Run a quick engine read (tokenise, detokenise, render a template) on the model a
+    request names, off the event loop, holding the engine so it cannot be unloaded
+    underneath."""
+    lease = host.borrow(model_name(host, model))
     try:
         return await anyio.to_thread.run_sync(work, lease.engine)
     finally:
         lease.release()
+
+
+async def relay(
+    gen: Generation,
+    token: Callable[[TokenEvent], bytes | None],
+    finish: Callable[[Finish], Iterable[bytes]],
+    error: Callable[[Exception], bytes],
+    *,
+    opening: Iterable[bytes] = (),
+    done: bool = False,
+) -> AsyncGenerator[bytes, None]:
+    """A generation as a streamed body, the one loop every route family's SSE shares:
+    ``opening`` first, ``token`` renders each TokenEvent (None: nothing to send), ``finish``
+    the last event(s); a failure, also one met mid-stream, becomes ``error``'s event. Closes
+    ``gen`` however the body ends; ``done`` ends the stream with ``data: [DONE]``."""
+    try:
+        for chunk in opening:
+            yield chunk
+        async for ev in gen.events():
+            if isinstance(ev, TokenEvent):
+                out = token(ev)
+                if out is not None:
+                    yield out
+                continue
+            for chunk in finish(check_finish(ev)):
+                yield chunk
+    except Exception as exc:
+        yield error(exc)
+    finally:
+        gen.close()
+    if done:
+        yield sse.DONE
 
 
 @dataclass(frozen=True)
@@ -274,46 +295,30 @@ generation_observer: ContextVar[GenerationObserver | None] = ContextVar(
 )
 
 
-def with_model_defaults(
-    sampling: SamplingParams, defaults: Mapping[str, Any], explicit: AbstractSet[str]
-) -> SamplingParams:
-    """The model's configured sampling defaults for every field the request did not set."""
-    fill = {k: v for k, v in defaults.items() if k not in explicit}
-    return dataclasses.replace(sampling, **fill) if fill else sampling
-
-
 async def start(
     host: ModelHost,
     build_prompt: Callable[[EngineProtocol], list[int]],
+    params: Params,
     *,
-    requested_max_tokens: int | None,
-    sampling: SamplingParams,
-    stop: list[str],
     limits: Limits,
-    model: str | None = None,
-    keep_alive: object = KEEP,
-    explicit_sampling: AbstractSet[str] = frozenset(),
     running: RunningGenerations | None = None,
     owner: Owner | None = None,
-    n_probs: int = 0,
-    cap_to_context: bool = False,
-    param_names: Mapping[str, str] | None = None,
 ) -> Generation:
-    """Admit (loading ``model`` first if needed), prepare and submit. Admission comes first
-    (503 before any templating); on any later error the admission place is given back before
-    raising. ``explicit_sampling``: the sampling fields the request set, which the model's
-    configured defaults do not override. With ``running`` the generation is registered (under
-    ``owner``) until it is closed. ``param_names`` renames the ``param`` of a sampling error to
-    the route's own field (e.g. json_schema → response_format)."""
-    lease = await host.acquire(model, keep_alive)
+    """Admit (loading ``params.model`` first if needed), prepare and submit. Admission comes
+    first (503 before any templating); on any later error the admission place is given back
+    before raising. The model's configured sampling defaults fill what the client left unset
+    (``Params.sampling``). With ``running`` the generation is registered (under ``owner``) until
+    it is closed. An engine-side sampling error names the field as the client sent it."""
+    keep_alive = KEEP if params.keep_alive == "model" else params.keep_alive
+    lease = await host.acquire(model_name(host, params.model), keep_alive)
     engine = lease.engine
     try:
-        sampling = with_model_defaults(sampling, lease.sampling_defaults, explicit_sampling)
         try:
-            prompt, sampling = await prepare(engine, build_prompt, sampling)
+            prompt, sampling = await prepare(engine, build_prompt,
+                                             params.sampling(lease.sampling_defaults))
         except InvalidRequest as exc:
-            if param_names and exc.param is not None and exc.param in param_names:
-                wire = param_names[exc.param]
+            if exc.param is not None and params.wire_name(exc.param) != exc.param:
+                wire = params.wire_name(exc.param)
                 exc.message = exc.message.replace(f"'{exc.param}'", f"'{wire}'")
                 exc.param = wire
                 exc.args = (exc.message,)
@@ -321,12 +326,12 @@ async def start(
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         max_tokens = resolve_max_tokens(
-            len(prompt), requested_max_tokens, engine.info.n_ctx, limits,
-            cap_to_context=cap_to_context,
+            len(prompt), params.max_tokens, engine.info.n_ctx, limits,
+            cap_to_context=params.cap_to_context,
         )
         stream = engine.submit(
             GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens, sampling=sampling,
-                              stop=stop, n_probs=n_probs)
+                              stop=params.stop, n_probs=params.n_probs)
         )
     except BaseException:
         lease.release()

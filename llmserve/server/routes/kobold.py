@@ -11,16 +11,15 @@ single-user, aborts "the" current generation; this is that, per caller.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncGenerator
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmserve import __version__
-from llmserve.engine.types import EngineProtocol, Finish, SamplingParams, TokenEvent
+from llmserve.engine.types import EngineProtocol, Finish, TokenEvent
+from llmserve.params import normalise
 from llmserve.protocol import kobold as kb
 from llmserve.server import sse
 from llmserve.server.errors import error_payload
@@ -28,8 +27,8 @@ from llmserve.server.generation import (
     Generation,
     Owner,
     borrowed,
-    check_finish,
     collect_or_abandon,
+    relay,
     start,
 )
 from llmserve.server.requests import parse, read_json_object, validate
@@ -40,31 +39,6 @@ KOBOLDCPP_VERSION = "1.102"
 # KoboldAI United's API version, reported at /api/v1/info/version.
 KOBOLDAI_API_VERSION = "1.2.5"
 
-# KoboldAI field → SamplingParams field, where the names differ
-_RENAMED = {"typical": "typical_p", "rep_pen": "repeat_penalty",
-            "rep_pen_range": "repeat_last_n", "nsigma": "top_n_sigma", "bypass_eos": "ignore_eos"}
-_SAME = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-         "mirostat", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent",
-         "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
-         "xtc_threshold", "xtc_probability", "grammar", "logit_bias")
-
-
-def sampling_from(req: kb.GenerateRequest) -> SamplingParams:
-    values: dict[str, Any] = {}
-    for name in _SAME:
-        if (value := getattr(req, name)) is not None:
-            values[name] = value
-    for name, target in _RENAMED.items():
-        if (value := getattr(req, name)) is not None:
-            values[target] = value
-    if req.dry_sequence_breakers is not None:
-        values["dry_sequence_breakers"] = tuple(req.dry_sequence_breakers)
-    if req.sampler_order:
-        values["samplers"] = kb.kobold_sampler_order(req.sampler_order)
-    values["seed"] = req.effective_seed
-    return dataclasses.replace(SamplingParams(), **values)
-
-
 async def _begin(request: Request) -> tuple[kb.GenerateRequest, Generation]:
     state = AppState.of(request)
     req = await parse(request, kb.GenerateRequest)
@@ -73,11 +47,9 @@ async def _begin(request: Request) -> tuple[kb.GenerateRequest, Generation]:
     def build(engine: EngineProtocol) -> list[int]:
         return engine.tokenize(text, add_special=True)
 
-    gen = await start(
-        state.host, build, requested_max_tokens=req.requested_max_tokens,
-        sampling=sampling_from(req), stop=req.stop_list(), limits=state.limits,
-        running=state.running, owner=Owner.of(request, req.genkey), cap_to_context=True,
-    )
+    gen = await start(state.host, build, normalise(req.wire()),
+                      limits=state.limits, running=state.running,
+                      owner=Owner.of(request, req.genkey))
     return req, gen
 
 
@@ -111,27 +83,22 @@ async def generate_stream(request: Request) -> sse.EventStreamResponse:
     return sse.EventStreamResponse(_token_events(req, gen), on_close=gen.close)
 
 
-async def _token_events(req: kb.GenerateRequest, gen: Generation
-                        ) -> AsyncGenerator[bytes, None]:
-    try:
-        async for ev in gen.events():
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield sse.event({"token": ev.text, "finish_reason": None}, name="message")
-                continue
-            finish = check_finish(ev)
-            yield sse.event({"token": _kept_stop(req, finish),
-                             "finish_reason": _finish_reason(finish)}, name="message")
-    except Exception as exc:
-        yield sse.event(error_payload(exc), name="error")
-    finally:
-        gen.close()
+def _token_events(req: kb.GenerateRequest, gen: Generation) -> AsyncGenerator[bytes, None]:
+    def token(ev: TokenEvent) -> bytes | None:
+        return sse.event({"token": ev.text, "finish_reason": None}, name="message") if (
+            ev.text) else None
+
+    def final(finish: Finish) -> list[bytes]:
+        return [sse.event({"token": _kept_stop(req, finish),
+                           "finish_reason": _finish_reason(finish)}, name="message")]
+
+    return relay(gen, token, final, lambda exc: sse.event(error_payload(exc), name="error"))
 
 
 async def tokencount(request: Request) -> JSONResponse:
     req = await parse(request, kb.TokenCountRequest)
     ids = await borrowed(AppState.of(request).host,
-                         lambda e: e.tokenize(req.prompt, add_special=True))
+                         lambda e: e.tokenize(req.prompt, add_special=True), req.model)
     return JSONResponse({"value": len(ids), "ids": ids})
 
 

@@ -29,6 +29,7 @@ from llmserve.engine.types import (
     TokenEvent,
 )
 from llmserve.errors import InvalidRequest, ServiceUnavailable
+from llmserve.params import normalise
 from llmserve.protocol import llamacpp as lc
 from llmserve.server import sse
 from llmserve.server.errors import error_payload
@@ -37,25 +38,15 @@ from llmserve.server.generation import (
     Generation,
     Owner,
     borrowed,
-    check_finish,
-    check_model,
     collect,
     messages_for_template,
+    model_name,
+    relay,
     run_all,
     start,
 )
 from llmserve.server.requests import parse
 from llmserve.server.state import AppState
-
-
-def sampling_from(req: Any) -> SamplingParams:
-    """Every SamplingParams field the request sets (llama.cpp names on both sides)."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(SamplingParams):
-        value = getattr(req, f.name, None)
-        if value is not None:
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-    return dataclasses.replace(SamplingParams(), **values)
 
 
 def prompt_builder(prompt: str | list[int | str]) -> Callable[[EngineProtocol], list[int]]:
@@ -173,29 +164,24 @@ async def completion(request: Request) -> Response | sse.EventStreamResponse:
     req = await parse(request, lc.CompletionRequest)
     if req.n > 1 and req.stream:
         raise InvalidRequest("n > 1 (several completions) needs stream: false", param="n")
+    params = normalise(req.wire())
     build = prompt_builder(req.prompt)
-    sampling = sampling_from(req)
     owner = Owner.of(request)
 
     async def begin(index: int) -> Generation:
-        seeded = sampling
-        if sampling.seed is not None and index:  # swipes from one seed must still differ
-            seeded = dataclasses.replace(sampling, seed=sampling.seed + index)
-        return await start(
-            state.host, build, requested_max_tokens=req.requested_max_tokens, sampling=seeded,
-            stop=req.stop_list(), limits=state.limits, running=state.running, owner=owner,
-            n_probs=req.n_probs, cap_to_context=True,
-        )
+        return await start(state.host, build, params.with_seed_offset(index),
+                           limits=state.limits, running=state.running, owner=owner)
 
     if req.stream:
         gen = await begin(0)
-        return sse.EventStreamResponse(_completion_chunks(gen, req.n_probs), on_close=gen.close)
+        return sse.EventStreamResponse(_completion_chunks(gen, params.n_probs),
+                                       on_close=gen.close)
 
     async def one(index: int) -> dict[str, Any]:
         gen = await begin(index)
         try:
             result = await collect(gen.stream)
-            return completion_body(gen, result, index=index, n_probs=req.n_probs,
+            return completion_body(gen, result, index=index, n_probs=params.n_probs,
                                    return_tokens=req.return_tokens)
         finally:
             gen.close()
@@ -207,28 +193,25 @@ async def completion(request: Request) -> Response | sse.EventStreamResponse:
     return JSONResponse(bodies if req.n > 1 else bodies[0])
 
 
-async def _completion_chunks(gen: Generation, n_probs: int) -> AsyncGenerator[bytes, None]:
+def _completion_chunks(gen: Generation, n_probs: int) -> AsyncGenerator[bytes, None]:
     pieces = _Pieces(gen.lease.engine) if n_probs > 0 else None
-    try:
-        async for ev in gen.events():
-            if isinstance(ev, TokenEvent):
-                if not ev.text and ev.logprob is None:
-                    continue  # held back (partial character or possible stop string)
-                chunk: dict[str, Any] = {
-                    "index": 0, "content": ev.text,
-                    "tokens": [ev.token_id] if ev.token_id >= 0 else [], "stop": False,
-                }
-                if pieces is not None and ev.logprob is not None:
-                    chunk["completion_probabilities"] = [pieces.probabilities(ev)]
-                yield sse.event(chunk)
-                continue
-            finish = check_finish(ev)
-            yield sse.event({"index": 0, "content": "", "tokens": [], "stop": True,
-                             **final_fields(gen, finish, stream=True)})
-    except Exception as exc:  # mid-stream failure: an error event ends the stream
-        yield sse.event(error_payload(exc))
-    finally:
-        gen.close()
+
+    def token(ev: TokenEvent) -> bytes | None:
+        if not ev.text and ev.logprob is None:
+            return None  # held back (partial character or possible stop string)
+        chunk: dict[str, Any] = {
+            "index": 0, "content": ev.text,
+            "tokens": [ev.token_id] if ev.token_id >= 0 else [], "stop": False,
+        }
+        if pieces is not None and ev.logprob is not None:
+            chunk["completion_probabilities"] = [pieces.probabilities(ev)]
+        return sse.event(chunk)
+
+    def final(finish: Finish) -> list[bytes]:
+        return [sse.event({"index": 0, "content": "", "tokens": [], "stop": True,
+                           **final_fields(gen, finish, stream=True)})]
+
+    return relay(gen, token, final, lambda exc: sse.event(error_payload(exc)))
 
 
 async def tokenize(request: Request) -> JSONResponse:
@@ -244,19 +227,21 @@ async def tokenize(request: Request) -> JSONResponse:
         pieces = _Pieces(engine)
         return [{"id": t, "piece": pieces(t)} for t in tokens]
 
-    return JSONResponse({"tokens": await borrowed(AppState.of(request).host, run)})
+    return JSONResponse({"tokens": await borrowed(AppState.of(request).host, run, req.model)})
 
 
 async def detokenize(request: Request) -> JSONResponse:
     req = await parse(request, lc.DetokenizeRequest)
-    content = await borrowed(AppState.of(request).host, lambda e: e.detokenize(req.tokens))
+    content = await borrowed(AppState.of(request).host, lambda e: e.detokenize(req.tokens),
+                             req.model)
     return JSONResponse({"content": content})
 
 
 async def apply_template(request: Request) -> JSONResponse:
     req = await parse(request, lc.ApplyTemplateRequest)
     messages = messages_for_template(req.messages)
-    prompt = await borrowed(AppState.of(request).host, lambda e: e.format_chat(messages))
+    prompt = await borrowed(AppState.of(request).host, lambda e: e.format_chat(messages),
+                            req.model)
     return JSONResponse({"prompt": prompt})
 
 
@@ -270,8 +255,7 @@ def build_info() -> str:
 
 async def props(request: Request) -> JSONResponse:
     host = AppState.of(request).host
-    check_model(host, request.query_params.get("model"))
-    info = host.current().info
+    info = host.current(model_name(host, request.query_params.get("model"))).info
     defaults = generation_settings(SamplingParams(), n_ctx=info.n_ctx, model=info.id,
                                    n_predict=-1, stop=[], stream=False, n_probs=0)
     return JSONResponse({
@@ -291,7 +275,7 @@ async def props(request: Request) -> JSONResponse:
 
 async def slots(request: Request) -> JSONResponse:
     host = AppState.of(request).host
-    engine = host.current()
+    engine = host.current(model_name(host, request.query_params.get("model")))
     info = engine.info
     states = engine.slot_states()
     if request.query_params.get("fail_on_no_slot") not in (None, "", "0", "false") and all(

@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmserve.engine.types import EngineProtocol, Finish, SamplingParams, TokenEvent
+from llmserve.engine.types import EngineProtocol, Finish
 from llmserve.errors import InvalidRequest
+from llmserve.params import Params, normalise
 from llmserve.protocol import native as nv
 from llmserve.server import sse
 from llmserve.server.errors import detail_errors, error_payload
@@ -24,11 +25,10 @@ from llmserve.server.generation import (
     Collected,
     Generation,
     Owner,
-    check_finish,
-    check_model,
     collect,
     collect_or_abandon,
     messages_for_template,
+    relay,
     run_all,
     start,
 )
@@ -36,18 +36,6 @@ from llmserve.server.requests import parse
 from llmserve.server.state import AppState
 
 Build = Callable[[EngineProtocol], list[int]]
-
-
-def sampling_from(req: nv._Options) -> SamplingParams:
-    # Only the seed's knobs: min-p (on by default in llama.cpp) is off, do_sample false = greedy.
-    return SamplingParams(
-        temperature=req.temperature if req.do_sample else 0.0,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=0.0,
-        repeat_penalty=req.repetition_penalty,
-        seed=None if req.seed is None or req.seed < 0 else req.seed,
-    )
 
 
 def usage(*finishes: Finish) -> dict[str, int]:
@@ -64,39 +52,25 @@ def text_builder(text: str) -> Build:
     return build
 
 
-async def _begin(request: Request, req: nv._Options, build: Build) -> Generation:
+async def _begin(request: Request, params: Params, build: Build) -> Generation:
     state = AppState.of(request)
-    model = check_model(state.host, req.model_id)
-    return await start(
-        state.host, build, model=model, requested_max_tokens=req.requested_max_tokens,
-        sampling=sampling_from(req), stop=req.stop_list(), limits=state.limits,
-        running=state.running, owner=Owner.of(request), cap_to_context=True,
-    )
+    return await start(state.host, build, params, limits=state.limits, running=state.running,
+                       owner=Owner.of(request))
 
 
 async def _run(
     request: Request, req: nv._Options, build: Build
 ) -> Response | sse.EventStreamResponse | Collected:
-    gen = await _begin(request, req, build)
+    gen = await _begin(request, normalise(req.wire()), build)
     if req.stream:
         return sse.EventStreamResponse(_text_events(gen), on_close=gen.close)
     result = await collect_or_abandon(request, gen)
     return Response(status_code=499) if result is None else result
 
 
-async def _text_events(gen: Generation) -> AsyncGenerator[bytes, None]:
-    try:
-        async for ev in gen.events():
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield sse.text_event(ev.text)
-                continue
-            check_finish(ev)
-    except Exception as exc:
-        yield sse.event(error_payload(exc, "detail"), name="error")
-    finally:
-        gen.close()
-    yield sse.DONE
+def _text_events(gen: Generation) -> AsyncGenerator[bytes, None]:
+    return relay(gen, lambda ev: sse.text_event(ev.text) if ev.text else None, lambda _: (),
+                 lambda exc: sse.event(error_payload(exc, "detail"), name="error"), done=True)
 
 
 @detail_errors
@@ -131,22 +105,30 @@ async def chat(request: Request) -> Response | sse.EventStreamResponse:
 async def generate_batch(request: Request) -> Response:
     """Every prompt through the slots at once (at most one per slot at a time from this
     batch, so a batch never fills the queue by itself); responses in input order."""
-    state = AppState.of(request)
     req = await parse(request, nv.BatchRequest)
     if req.stream:
         raise InvalidRequest("/generate/batch does not stream; send stream: false",
                              param="stream")
 
-    async def one(prompt: str) -> Collected:
-        gen = await _begin(request, req, text_builder(prompt))
+    params = normalise(req.wire())
+
+    async def one(prompt: str, started: Generation | None = None) -> Collected:
+        gen = started or await _begin(request, params, text_builder(prompt))
         try:
             return await collect(gen.stream)
         finally:
             gen.close()
 
-    slots = state.host.current().info.n_parallel
-    works = [functools.partial(one, p) for p in req.prompts]
-    results = await sse.until_disconnect(request.receive, lambda: run_all(works, limit=slots))
+    # the first prompt loads the model if needed, and tells how many slots it has
+    first = await _begin(request, params, text_builder(req.prompts[0]))
+    slots = first.lease.engine.info.n_parallel
+    works = [functools.partial(one, req.prompts[0], first),
+             *(functools.partial(one, p) for p in req.prompts[1:])]
+    try:
+        results = await sse.until_disconnect(request.receive,
+                                             lambda: run_all(works, limit=slots))
+    finally:
+        first.close()  # idempotent; covers a batch cancelled before its first work ran
     if results is None:
         return Response(status_code=499)
     return JSONResponse({"responses": [r.text for r in results],
