@@ -487,5 +487,8 @@ def _is_off(name: str, value: Any, sent: Mapping[str, Any]) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, default=str)
+    try:
+        text = json.dumps(value, default=str, allow_nan=False)
+    except ValueError:  # NaN/Infinity inside: quoted in the message as Python writes them
+        text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
