@@ -242,6 +242,11 @@ def run(
                             "seconds running generations may take to finish before they are "
                             "ended; a second Ctrl-C quits at once.")
     ] = DEFAULT_SHUTDOWN_TIMEOUT,
+    instance_name: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_INSTANCE_NAME", help="Add the label "
+                                 "replica=NAME to every /metrics sample (one Prometheus "
+                                 "scraping several replicas).", show_default=False)
+    ] = None,
 ) -> None:
     """Serve GGUF models over an OpenAI-compatible HTTP API."""
     values = dict(ctx.params)

@@ -316,6 +316,8 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
+    # a `replica` label on every /metrics sample, for a fleet scraped by one Prometheus
+    instance_name: str | None = Field(default=None, min_length=1, max_length=128)
 
     @field_validator("api_key")
     @classmethod
