@@ -85,7 +85,7 @@ class Metrics:
             self.decode_rate.labels(model).observe(record.tokens_per_second)
 
     def exposition(self) -> bytes:
-        return generate_latest(self._exposed)  # type: ignore[arg-type]
+        return generate_latest(self._exposed)
 
 
 class _Labelled:
