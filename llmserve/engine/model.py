@@ -105,30 +105,26 @@ class _GgmlRegistry:
 
     def __init__(self) -> None:
         self._lib: ctypes.CDLL | None = None
-        lib_dir = Path(llama_cpp.__file__).parent / "lib"
-        for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
-            if (lib_dir / name).exists():
-                try:
-                    lib = ctypes.CDLL(str(lib_dir / name))
-                    for fn, res, args in [
-                        ("ggml_backend_reg_count", ctypes.c_size_t, []),
-                        ("ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                        ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
-                        ("ggml_backend_dev_count", ctypes.c_size_t, []),
-                        ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                        ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
-                        ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
-                        ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
-                        ("ggml_backend_dev_memory", None,
-                         [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                          ctypes.POINTER(ctypes.c_size_t)]),
-                    ]:
-                        getattr(lib, fn).restype = res
-                        getattr(lib, fn).argtypes = args
-                    self._lib = lib
-                except (OSError, AttributeError):
-                    self._lib = None
-                break
+        try:
+            lib = rpc.open_library("ggml")
+            for fn, res, args in [
+                ("ggml_backend_reg_count", ctypes.c_size_t, []),
+                ("ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                ("ggml_backend_dev_count", ctypes.c_size_t, []),
+                ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+                ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+                ("ggml_backend_dev_memory", None,
+                 [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                  ctypes.POINTER(ctypes.c_size_t)]),
+            ]:
+                getattr(lib, fn).restype = res
+                getattr(lib, fn).argtypes = args
+            self._lib = lib
+        except (OSError, AttributeError):
+            self._lib = None
 
     def backends(self) -> list[str]:
         lib = self._lib

@@ -66,12 +66,30 @@ def _lib_dir() -> Path:
     return Path(llama_cpp.__file__).parent / "lib"
 
 
-def _open(stem: str) -> ctypes.CDLL:
-    for name in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
-        path = _lib_dir() / name
+def open_library(stem: str) -> ctypes.CDLL:
+    """The copy of lib``stem`` that llama.cpp itself runs on. The wheel ships each library under
+    several names (libggml.so, libggml.so.0, …) as separate files, and each file opened is a
+    separate copy with its own globals (ggml's backend registry, its abort callback): opening
+    the wrong one would set them where llama.cpp never looks."""
+    candidates = [Path(p) for p in _mapped(f"lib{stem}.so")]
+    candidates += [_lib_dir() / f"lib{stem}.so.0", _lib_dir() / f"lib{stem}.so",
+                   _lib_dir() / f"lib{stem}.dylib", _lib_dir() / f"{stem}.dll"]
+    for path in candidates:
         if path.exists():
             return ctypes.CDLL(str(path))
     raise OSError(f"{stem} not found in {_lib_dir()}")
+
+
+def _mapped(name: str) -> list[str]:
+    """Paths of the loaded libraries called ``name`` or ``name.N…`` (Linux only)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            fields = [line.split() for line in maps]
+    except OSError:
+        return []
+    paths = {f[5] for f in fields if len(f) >= 6}
+    return sorted(p for p in paths
+                  if Path(p).name == name or Path(p).name.startswith(name + "."))
 
 
 _ggml: ctypes.CDLL | None = None
@@ -80,7 +98,7 @@ _ggml: ctypes.CDLL | None = None
 def _lib() -> ctypes.CDLL:
     global _ggml
     if _ggml is None:
-        lib = _open("ggml")
+        lib = open_library("ggml")
         for fn, res, args in _SIGNATURES:
             getattr(lib, fn).restype = res
             getattr(lib, fn).argtypes = args
@@ -265,7 +283,7 @@ def guard_aborts() -> None:
             return
         callback = _ABORT_CALLBACK(_on_abort)
         try:
-            base = _open("ggml-base")
+            base = open_library("ggml-base")
             base.ggml_set_abort_callback.restype = _void_p
             base.ggml_set_abort_callback.argtypes = [_ABORT_CALLBACK]
             base.ggml_set_abort_callback(callback)
