@@ -90,7 +90,7 @@ def litellm_config(replicas: list[Replica], *, model: str, model_name: str,
     exactly what ``litellm.Router(**...)`` takes."""
     lines = [
         f"# LiteLLM in front of {len(replicas)} llmserve replica(s) (llmserve router-config)",
-        "# proxy: litellm --config this.yaml --port 4000",
+        "# proxy: LITELLM_MASTER_KEY=sk-your-key litellm --config this.yaml --port 4000",
         "# Python: litellm.Router(model_list=cfg['model_list'], **cfg['router_settings'])",
         "model_list:",
     ]
@@ -107,6 +107,8 @@ def litellm_config(replicas: list[Replica], *, model: str, model_name: str,
     lines += [f"  {key}: {_scalar(value)}" for key, value in ROUTER_SETTINGS.items()]
     lines += [
         "general_settings:",
+        "  # the key clients of the proxy send (the proxy refuses to start without one)",
+        '  master_key: "os.environ/LITELLM_MASTER_KEY"',
         "  # the proxy polls each replica; llmserve's /health is 503 while loading or draining",
         "  background_health_checks: true",
         "  health_check_interval: 30",
