@@ -150,4 +150,4 @@ def _scalar(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
-    return json.dumps(str(value))
+    return json.dumps(str(value), allow_nan=False)
