@@ -38,6 +38,7 @@ from llmserve.errors import LlmserveError
 
 if TYPE_CHECKING:
     from llmserve.engine.engine import Engine
+    from llmserve.engine.types import ModelInfo
     from llmserve.server.options import ServerOptions
 
 app = typer.Typer(
@@ -83,7 +84,8 @@ def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
             flash_attn=None if spec.flash_attn == "auto" else spec.flash_attn,
             cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
             rope_scaling=spec.rope_scaling, rope_freq_base=spec.rope_freq_base,
-            rope_freq_scale=spec.rope_freq_scale,
+            rope_freq_scale=spec.rope_freq_scale, rpc_servers=spec.rpc,
+            tensor_split=spec.tensor_split,
         )
 
     if quiet or not err.is_terminal:
@@ -166,6 +168,20 @@ def run(
                           "CPU and most GPUs), on or off. On keeps temperature-0 results the "
                           "same whatever the batch (streamed = non-streamed, batched = alone).")
     ] = "auto",
+    rpc: Annotated[
+        str | None, typer.Option("--rpc", envvar="LLMSERVE_RPC", help="llama.cpp RPC servers "
+                                 "(HOST:PORT,HOST:PORT…) that hold some of the model's layers "
+                                 "on their devices; needs a llama-cpp-python built with "
+                                 "CMAKE_ARGS=\"-DGGML_RPC=on\". Start them with `llmserve "
+                                 "rpc-server` or llama.cpp's rpc-server.", show_default=False)
+    ] = None,
+    tensor_split: Annotated[
+        str | None, typer.Option("--tensor-split", "-ts", envvar="LLMSERVE_TENSOR_SPLIT",
+                                 help="How to share the offloaded layers among the devices, "
+                                 "in llama.cpp's device order (RPC servers first, then local "
+                                 "GPUs), e.g. 3,1. Default: by free memory.",
+                                 show_default=False)
+    ] = None,
     alias: Annotated[
         str | None, typer.Option(envvar="LLMSERVE_ALIAS", help="Model id shown in /v1/models. "
                                  "Default: the file name without .gguf.", show_default=False)
@@ -242,6 +258,11 @@ def run(
                             "seconds running generations may take to finish before they are "
                             "ended; a second Ctrl-C quits at once.")
     ] = DEFAULT_SHUTDOWN_TIMEOUT,
+    instance_name: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_INSTANCE_NAME", help="Add the label "
+                                 "replica=NAME to every /metrics sample (one Prometheus "
+                                 "scraping several replicas).", show_default=False)
+    ] = None,
 ) -> None:
     """Serve GGUF models over an OpenAI-compatible HTTP API."""
     values = dict(ctx.params)
@@ -252,7 +273,7 @@ def run(
 
 def _normalised(values: dict[str, Any]) -> dict[str, Any]:
     """Repeatable flags given no value arrive as None; Settings wants lists."""
-    return {**values, "api_key": values.get("api_key") or [],
+    return {**values, "api_key": values.get("api_key") or [], "rpc": values.get("rpc") or [],
             "cors_origin": values.get("cors_origin") or []}
 
 
@@ -381,14 +402,24 @@ def _first_model(settings: Settings, specs: list[ModelSpec]) -> ModelSpec:
     return spec
 
 
+def layers_summary(info: ModelInfo) -> str:
+    """Where the layers are: per device when llama.cpp said (RPC servers named), else the
+    GPU count."""
+    total = info.n_layer + 1
+    if info.layer_devices and (info.rpc_servers or info.layers_offloaded):
+        where = ", ".join(f"{device} {n}" for device, n in info.layer_devices)
+        return f"{info.layers_offloaded}/{total} layers off the CPU: {where}"
+    if info.gpu_offload_supported and (info.layers_offloaded or not info.layer_devices):
+        return f"{info.layers_offloaded}/{total} layers on the GPU"
+    if info.gpu_offload_supported:
+        return "CPU only (no GPU found)"
+    return "CPU only (this llama.cpp build has no GPU offload)"
+
+
 def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
     info = engine.info
     url = f"http://{_display_host(settings.host)}:{settings.port}"
-    offload = (
-        f"{info.layers_offloaded}/{info.n_layer + 1} layers on the GPU"
-        if info.gpu_offload_supported
-        else "CPU only (this llama.cpp build has no GPU offload)"
-    )
+    offload = layers_summary(info)
     err.print(f"[bold green]llmserve {__version__}[/] serving [bold]{info.id}[/]")
     err.print(f"  model    {escape(info.path)}  ({info.description})", highlight=False,
               soft_wrap=True)
@@ -502,6 +533,115 @@ def models(
         if "error" in row:
             err.print(f"[red]{escape(row['id'])}:[/] {escape(row['error'])}", highlight=False,
                       soft_wrap=True)
+
+
+@app.command("router-config")
+def router_config(
+    replica: Annotated[
+        list[str], typer.Option("--replica", "-r", help="A replica's URL, e.g. "
+                                "http://127.0.0.1:8081 (repeat for each).", show_default=False)
+    ],
+    format: Annotated[
+        str, typer.Option("--format", help="litellm (the proxy's config.yaml, also what "
+                          "litellm.Router takes) or nginx (an upstream block).")
+    ] = "litellm",
+    model_name: Annotated[
+        str | None, typer.Option(help="The model name clients send to the router. Default: "
+                                 "the model the replicas serve.", show_default=False)
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_API_KEY", help="The replicas' API key (used "
+                                 "for the check and written into the config).",
+                                 show_default=False)
+    ] = None,
+    listen: Annotated[int, typer.Option(help="nginx: the port it listens on.")] = 8080,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Ask each replica for /health and "
+                           "/v1/models first; any that is not ready is an error.")
+    ] = True,
+) -> None:
+    """Print the config that puts LiteLLM or nginx in front of llmserve replicas."""
+    from llmserve import router_config as rc
+
+    if format not in ("litellm", "nginx"):
+        fail(f"--format: expected litellm or nginx, got {format!r}")
+    try:
+        urls = [rc.base_url(u) for u in replica]
+    except ValueError as exc:
+        fail(str(exc))
+    replicas = ([rc.check(u, api_key=api_key) for u in urls] if check
+                else [rc.Replica(u) for u in urls])
+    bad = [r for r in replicas if not r.healthy]
+    for r in bad:
+        err.print(f"[red]error:[/] replica {r.url}: {r.problem}", highlight=False)
+    if bad:
+        raise typer.Exit(2)
+    if format == "nginx":
+        print(rc.nginx_config(replicas, listen=listen), end="")
+        return
+    model = rc.common_model(replicas) if check else None
+    if check and model is None:
+        fail("the replicas serve no model in common (GET /v1/models); start them on the same "
+             "GGUF or name one with --model-name")
+    model = model or model_name or "default"
+    print(rc.litellm_config(replicas, model=model, model_name=model_name or model,
+                            api_key=api_key), end="")
+
+
+@app.command("rpc-server")
+def rpc_server(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on. Never expose an RPC server beyond a "
+                          "trusted network: it runs whatever it is sent, with no "
+                          "authentication.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 50052,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", help="ggml device to lend (repeatable), "
+                                       "e.g. CUDA0. Default: every GPU, else the CPU.",
+                                       show_default=False)
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads when lending the CPU. Default: every core.",
+                                 show_default=False)
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Cache received tensors here so that a reconnecting "
+                                  "client sends them only once.", show_default=False)
+    ] = None,
+) -> None:
+    """Lend this machine's devices to an llmserve started elsewhere with --rpc (llama.cpp's own
+    RPC server, from this llmserve's llama.cpp build)."""
+    import threading
+
+    from llmserve.engine import rpc
+    from llmserve.engine.model import init_backend
+
+    init_backend()
+    if not rpc.supported():
+        fail(rpc.REBUILD_HINT)
+    if not is_loopback(host):
+        err.print(f"[bold yellow]warning:[/] the RPC server listens on {host}: anyone who can "
+                  "reach that port can run work on this machine. Keep it on a trusted "
+                  "network.", highlight=False, soft_wrap=True)
+    failure: list[LlmserveError] = []
+
+    def run_server() -> None:
+        try:
+            rpc.serve(host, port, devices=device or (), threads=threads or os.cpu_count() or 1,
+                      cache_dir=str(cache_dir) if cache_dir else None)
+        except LlmserveError as exc:
+            failure.append(exc)
+
+    # llama.cpp's server loop never returns; in a thread of its own, Ctrl-C still ends us
+    thread = threading.Thread(target=run_server, name="rpc-server", daemon=True)
+    thread.start()
+    err.print(f"llama.cpp RPC server on {host}:{port}; use it with "
+              f"`llmserve run MODEL --rpc {host}:{port}`", highlight=False)
+    thread.join()
+    if failure:
+        fail(failure[0].message)
+    fail(f"the RPC server on {host}:{port} stopped (is the port taken?)")
 
 
 def _print_json(data: object) -> None:

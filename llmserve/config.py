@@ -28,7 +28,7 @@ from llmserve.engine.types import SamplingParams
 from llmserve.errors import ConfigError, InvalidRequest
 from llmserve.gguf_info import SPLIT_PATTERN
 from llmserve.params import checked_sampling
-from llmserve.units import Duration
+from llmserve.units import Duration, parse_endpoint
 
 DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PORT = 8080
@@ -149,6 +149,35 @@ def _sampling_defaults(value: object) -> dict[str, Any]:
 SamplingDefaults = Annotated[dict[str, Any], BeforeValidator(_sampling_defaults)]
 
 
+def _rpc_servers(value: object) -> object:
+    """``--rpc a:1,b:2`` (one string, as llama-server takes it) or a TOML list."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if isinstance(value, list):
+        for v in value:
+            parse_endpoint(str(v))
+        return [str(v).strip() for v in value]
+    return value
+
+
+def _tensor_split(value: object) -> object:
+    """``--tensor-split 3,1`` (llama.cpp's form) or a TOML list of numbers."""
+    if isinstance(value, str):
+        try:
+            value = [float(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"--tensor-split takes numbers separated by commas (e.g. 3,1), "
+                             f"got {value!r}") from None
+    if isinstance(value, list) and (not value or any(v < 0 for v in value)
+                                    or not any(v > 0 for v in value)):
+        raise ValueError("tensor_split needs non-negative proportions, at least one above 0")
+    return value
+
+
+RpcServers = Annotated[list[str], BeforeValidator(_rpc_servers)]
+TensorSplit = Annotated[list[float] | None, BeforeValidator(_tensor_split)]
+
+
 class ModelOptions(BaseModel):
     """How one model is loaded. Every field may come from a [models.<id>] table or, for all
     models at once, from a CLI flag / LLMSERVE_* variable."""
@@ -164,6 +193,9 @@ class ModelOptions(BaseModel):
     rope_scaling: Literal["none", "linear", "yarn"] | None = None
     rope_freq_base: float | None = Field(default=None, gt=0)
     rope_freq_scale: float | None = Field(default=None, gt=0)
+    # llama.cpp RPC servers holding some of the layers (HOST:PORT each), and how to split
+    rpc: RpcServers = Field(default_factory=list)
+    tensor_split: TensorSplit = None
 
 
 class ModelSpec(ModelOptions):
@@ -294,6 +326,8 @@ class Settings(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     flash_attn: FlashAttn = "auto"
     chat_template: str | None = None
+    rpc: RpcServers = Field(default_factory=list)
+    tensor_split: TensorSplit = None
     parallel: int = Field(default=1, ge=1, le=64)
     max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
     max_tokens_limit: int | None = Field(default=None, ge=1)
@@ -316,6 +350,8 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
+    # a `replica` label on every /metrics sample, for a fleet scraped by one Prometheus
+    instance_name: str | None = Field(default=None, min_length=1, max_length=128)
 
     @field_validator("api_key")
     @classmethod
@@ -362,7 +398,8 @@ class Settings(BaseModel):
     def model_options(self) -> ModelOptions:
         return ModelOptions(ctx_size=self.ctx_size, n_gpu_layers=self.n_gpu_layers,
                             threads=self.threads, flash_attn=self.flash_attn,
-                            chat_template=self.chat_template)
+                            chat_template=self.chat_template, rpc=self.rpc,
+                            tensor_split=self.tensor_split)
 
     def spec_for_path(self, path: Path, model_id: str | None = None) -> ModelSpec:
         """A model given by its path (command line, POST /v1/models/load): the server-wide
@@ -373,7 +410,8 @@ class Settings(BaseModel):
 
 _SERVER_KEYS = ("host", "port", "max_queue", "parallel", "models_dir", "max_loaded_models",
                 "ttl")
-_CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "flash_attn", "chat_template")
+_CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "flash_attn", "chat_template",
+                      "rpc", "tensor_split")
 
 
 def resolve_settings(values: Mapping[str, Any], explicit: set[str]) -> Settings:

@@ -37,7 +37,13 @@ from llmserve.admission import Admission, Ticket
 from llmserve.clock import Clock, SystemClock, Timer
 from llmserve.config import ModelSpec, model_id_from_file
 from llmserve.engine.types import EngineProtocol, ModelInfo
-from llmserve.errors import ModelFailed, ModelLoading, ModelNotFound, NoModelLoaded
+from llmserve.errors import (
+    LlmserveError,
+    ModelFailed,
+    ModelLoading,
+    ModelNotFound,
+    NoModelLoaded,
+)
 
 log = logging.getLogger("llmserve.registry")
 
@@ -116,6 +122,7 @@ class ModelStatus:
     in_flight: int = 0
     # when loaded: its engine died (requests get 503 model_failed until it is reloaded)
     failed: bool = False
+    error: str | None = None  # why it failed, when it did
     slots: int = 0  # --parallel
     slots_busy: int = 0  # admitted requests that hold a slot
     queued: int = 0  # admitted requests waiting for one
@@ -204,7 +211,9 @@ class ModelHost:
                 admission = slot.admission
                 out.append(ModelStatus(
                     spec, "loaded", slot.engine.info, slot.expires_at, slot.keep_alive,
-                    slot.in_flight, failed=self._is_dead(slot), slots=admission.parallel,
+                    slot.in_flight, failed=self._is_dead(slot),
+                    error=_public_cause(slot.engine.failure),
+                    slots=admission.parallel,
                     slots_busy=min(admission.in_system, admission.parallel),
                     queued=admission.waiting,
                 ))
@@ -277,6 +286,11 @@ class ModelHost:
         slot = self._loaded.get(spec.id)
         if slot is None or not self._is_dead(slot):
             return slot
+        failure = slot.engine.failure
+        if isinstance(failure, ModelFailed):
+            # the engine said why, and a reload in this process cannot help (an RPC server
+            # lost mid-decode): it stays failed, and /health keeps saying why
+            raise ModelFailed(failure.message, retry_after=failure.retry_after)
         self._retire(slot)
         if spec.id not in self._pending:
             self._start_load(spec).add_done_callback(_drop_hold)
@@ -481,6 +495,12 @@ class ModelHost:
         await asyncio.gather(*self._pending.values(), return_exceptions=True)
         await self.unload()
         await asyncio.gather(*self._retiring.values(), return_exceptions=True)
+
+
+def _public_cause(failure: BaseException | None) -> str | None:
+    """What a client may read about a failure: our own errors' messages (an RPC server lost,
+    say), never a llama.cpp internal."""
+    return failure.message if isinstance(failure, LlmserveError) else None
 
 
 def _drop_hold(task: asyncio.Task[_Slot]) -> None:

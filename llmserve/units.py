@@ -1,4 +1,5 @@
-"""Units shared by the configuration and the wire models (keep-alive durations). A neutral
+"""Units shared by the configuration and the wire models (keep-alive durations, network
+endpoints). A neutral
 module so that ``protocol/`` needs nothing from ``config``."""
 
 from __future__ import annotations
@@ -44,3 +45,11 @@ _DURATION = re.compile(r"-?(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 Duration = Annotated[
     float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
 ]
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``); raises ValueError naming what is wrong."""
+    host, sep, port = endpoint.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"RPC server {endpoint!r} is not HOST:PORT (e.g. 192.168.1.20:50052)")
+    return host.strip("[]"), int(port)

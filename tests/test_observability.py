@@ -91,6 +91,21 @@ def test_metrics_endpoint_serves_prometheus_text(make_app: Callable[..., Starlet
     assert value(m, "llmserve_requests_total", route="/v1/chat/completions", status="200") == 0
 
 
+def test_instance_name_labels_every_sample(make_app: Callable[..., Starlette]) -> None:
+    client = TestClient(make_app(FakeEngine(), options=ServerOptions(instance_name="gpu-1")),
+                        raise_server_exceptions=False)
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    families = list(text_string_to_metric_families(client.get("/metrics").text))
+    names = {f.name for f in families}
+    assert {"llmserve_requests", "llmserve_slots", "llmserve_loaded_models"} <= names
+    for family in families:
+        for s in family.samples:
+            assert s.labels.get("replica") == "gpu-1", s
+    m = samples(client.get("/metrics").text)
+    assert value(m, "llmserve_requests_total", route="/v1/chat/completions", status="200",
+                 replica="gpu-1") == 1
+
+
 def test_metrics_can_be_public(make_app: Callable[..., Starlette]) -> None:
     options = ServerOptions(api_keys=("sk",), metrics_public=True)
     client = TestClient(make_app(FakeEngine(), options=options), raise_server_exceptions=False)

@@ -484,6 +484,28 @@ def test_metrics_and_health_show_every_loaded_model(make_app: Callable[..., Star
                                                                       ("b", "ready")]
 
 
+def test_an_engine_lost_for_good_stays_failed_and_health_says_why(
+    make_app: Callable[..., Starlette],
+) -> None:
+    loader = FakeLoader()
+    app = make_app(loader=loader, specs=[spec("a")])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+        why = "RPC server 127.0.0.1:50052 stopped answering; restart llmserve"
+        loader.engine("a").kill(ModelFailed(why, retry_after=30.0))
+        for _ in range(2):  # no reload: a request gets the same answer every time
+            r = client.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 503 and r.headers["retry-after"] == "30"
+            assert r.json()["error"]["code"] == "model_failed"
+            assert r.json()["error"]["message"] == why
+            health = client.get("/health")
+            assert health.status_code == 503
+            assert health.json()["models"][0] == {
+                "id": "a", "state": "failed", "error": why, "slots": 1, "slots_busy": 0,
+                "queued": 0}
+        assert loader.loads == ["a"]
+
+
 def test_a_dead_engine_is_503_model_failed_and_health_names_it_until_reloaded(
     make_app: Callable[..., Starlette], caplog: pytest.LogCaptureFixture,
 ) -> None:

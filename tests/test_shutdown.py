@@ -46,11 +46,17 @@ async def test_drain_refuses_new_requests_and_lets_streams_finish(
     draining = asyncio.create_task(drain.run(timeout=10))
     await asyncio.sleep(0)
     assert drain.draining and drain.in_flight == 2
-    for path in ("/v1/chat/completions", "/v1/models", "/health"):
+    for path in ("/v1/chat/completions", "/v1/models"):
         refused = await client.request("POST" if "chat" in path else "GET", path, json=CHAT)
         assert refused.status_code == 503, path
         assert refused.json()["error"]["code"] == "shutting_down"
         assert refused.headers["retry-after"] == "5"
+    # a load balancer polling /health learns at once that this replica is going away
+    for path in ("/health", "/v1/health"):
+        health = await client.get(path)
+        assert health.status_code == 503, path
+        assert health.json()["status"] == "draining"
+        assert health.headers["retry-after"] == "5"
     for r in await asyncio.gather(*streams):
         data = events(r.text)
         assert data[-1] == "[DONE]"

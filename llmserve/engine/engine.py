@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from llmserve.engine import sampler
+from llmserve.engine import rpc, sampler
 from llmserve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.engine.grammar_bound import check_can_end
 from llmserve.engine.model import LoadedModel, check_parallel, supports_gpu_offload
@@ -54,6 +54,9 @@ class Engine:
             created=int(time.time()),
             n_threads=model.n_threads,
             flash_attn=model.flash_attn,
+            layer_devices=tuple(
+                (_device_label(device), n) for device, n in model.layer_devices.items()),
+            rpc_servers=model.rpc_servers,
         )
         model.eog_tokens  # noqa: B018 - computed once here rather than by a request
         self.scheduler = Scheduler(model)
@@ -76,6 +79,8 @@ class Engine:
         rope_scaling: str | None = None,
         rope_freq_base: float | None = None,
         rope_freq_scale: float | None = None,
+        rpc_servers: Sequence[str] = (),
+        tensor_split: Sequence[float] | None = None,
     ) -> Engine:
         """Load a GGUF (blocking). Raises ModelLoadError for anything wrong with the file.
 
@@ -100,6 +105,8 @@ class Engine:
             rope_scaling=rope_scaling,
             rope_freq_base=rope_freq_base,
             rope_freq_scale=rope_freq_scale,
+            rpc_servers=rpc_servers,
+            tensor_split=tensor_split,
         )
         try:
             engine = cls(model, model_id or model.path.stem, chat_template)
@@ -154,5 +161,14 @@ class Engine:
         return self.scheduler.busy_slots
 
     def close(self) -> None:
+        if self.scheduler.lost:
+            # its worker is parked inside llama.cpp and the context may reach a dead RPC
+            # server: freeing it would hang or abort, so it stays allocated until exit
+            return
         self.scheduler.stop()
         self.model.close()
+
+
+def _device_label(device: str) -> str:
+    endpoint = rpc.endpoint_of_device(device) if device.startswith("RPC") else None
+    return f"{device}[{endpoint}]" if endpoint else device

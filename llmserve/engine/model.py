@@ -11,6 +11,7 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import llama_cpp
 
+from llmserve.engine import rpc
 from llmserve.errors import InvalidRequest, ModelLoadError
 
 log = logging.getLogger("llmserve.llama")  # llama.cpp's own log lines
@@ -35,6 +37,10 @@ MIN_CTX_PER_SLOT = 256
 _recent_errors: collections.deque[str] = collections.deque(maxlen=8)
 # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
 _log_levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+# Where llama.cpp put each layer: it says so only in a debug log line per layer, on the thread
+# that loads the model, which is where a load collects them.
+_LAYER_LINE = re.compile(r"layer\s+\d+ assigned to device (\S+?),")
+_loading = threading.local()
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
@@ -42,6 +48,9 @@ def _llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace").rstrip()
     if not message:
         return
+    layers: collections.Counter[str] | None = getattr(_loading, "layers", None)
+    if layers is not None and (match := _LAYER_LINE.search(message)):
+        layers[match.group(1)] += 1
     py_level = _log_levels.get(level, logging.DEBUG)
     if py_level >= logging.ERROR:
         _recent_errors.append(message)
@@ -96,30 +105,26 @@ class _GgmlRegistry:
 
     def __init__(self) -> None:
         self._lib: ctypes.CDLL | None = None
-        lib_dir = Path(llama_cpp.__file__).parent / "lib"
-        for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
-            if (lib_dir / name).exists():
-                try:
-                    lib = ctypes.CDLL(str(lib_dir / name))
-                    for fn, res, args in [
-                        ("ggml_backend_reg_count", ctypes.c_size_t, []),
-                        ("ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                        ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
-                        ("ggml_backend_dev_count", ctypes.c_size_t, []),
-                        ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                        ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
-                        ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
-                        ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
-                        ("ggml_backend_dev_memory", None,
-                         [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                          ctypes.POINTER(ctypes.c_size_t)]),
-                    ]:
-                        getattr(lib, fn).restype = res
-                        getattr(lib, fn).argtypes = args
-                    self._lib = lib
-                except (OSError, AttributeError):
-                    self._lib = None
-                break
+        try:
+            lib = rpc.open_library("ggml")
+            for fn, res, args in [
+                ("ggml_backend_reg_count", ctypes.c_size_t, []),
+                ("ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                ("ggml_backend_dev_count", ctypes.c_size_t, []),
+                ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+                ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+                ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+                ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+                ("ggml_backend_dev_memory", None,
+                 [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                  ctypes.POINTER(ctypes.c_size_t)]),
+            ]:
+                getattr(lib, fn).restype = res
+                getattr(lib, fn).argtypes = args
+            self._lib = lib
+        except (OSError, AttributeError):
+            self._lib = None
 
     def backends(self) -> list[str]:
         lib = self._lib
@@ -234,14 +239,28 @@ class LoadedModel:
         rope_scaling: str | None = None,
         rope_freq_base: float | None = None,
         rope_freq_scale: float | None = None,
+        rpc_servers: Sequence[str] = (),
+        tensor_split: Sequence[float] | None = None,
     ) -> None:
         init_backend()
         self.path = check_gguf_file(path)
         self._model: Any = None
         self._ctx: Any = None
+        self.rpc_servers = tuple(rpc_servers)
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        # kept alive on self for the whole load, as llama.cpp reads them during it
+        self._devices = rpc.model_devices(self.rpc_servers)
+        if self._devices is not None:
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p).value
+        if tensor_split:
+            slots = int(llama_cpp.llama_max_devices())
+            if len(tensor_split) > slots:
+                raise ModelLoadError(f"--tensor-split has {len(tensor_split)} parts; this "
+                                     f"llama.cpp takes at most {slots}", param="tensor_split")
+            self._split = (ctypes.c_float * slots)(*tensor_split)
+            mparams.tensor_split = self._split
         if progress is not None:
 
             def _on_progress(fraction: float, _data: ctypes.c_void_p) -> bool:
@@ -252,7 +271,14 @@ class LoadedModel:
             self._progress_cb = llama_cpp.llama_progress_callback(_on_progress)
             mparams.progress_callback = self._progress_cb
         _recent_errors.clear()
-        model = llama_cpp.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
+        _loading.layers = collections.Counter()
+        try:
+            model = llama_cpp.llama_model_load_from_file(str(self.path).encode("utf-8"),
+                                                         mparams)
+        finally:
+            layers, _loading.layers = _loading.layers, None
+        # device name ("CPU", "CUDA0", "RPC0") -> layers it holds, in llama.cpp's order
+        self.layer_devices: dict[str, int] = dict(layers)
         if not model:
             detail = _llama_error_detail()
             raise ModelLoadError(

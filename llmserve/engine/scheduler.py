@@ -58,6 +58,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from llmserve.engine import rpc
 from llmserve.engine.model import LoadedModel
 from llmserve.engine.output_text import OutputText
 from llmserve.engine.placement import (
@@ -132,6 +133,9 @@ class Scheduler:
         self._stopping = False
         # the exception that ended the worker thread (see _run); read by any thread
         self.failure: Exception | None = None
+        # llama.cpp aborted under this model (see rpc.guard_aborts): the worker is parked for
+        # good inside llama.cpp and the context must never be touched again
+        self.lost = False
         self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         # whether a slot may start from cells another slot holds (see the module docstring)
         self._share_prefixes = model.n_parallel > 1 and not (
@@ -150,6 +154,8 @@ class Scheduler:
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
         self._no_abort_cb = llama_cpp.ggml_abort_callback()
         self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
+        rpc.guard_aborts()
+        rpc.add_abort_listener(self._on_abort)
         self._thread.start()
 
     # -- called from the event loop ----------------------------------------------------------
@@ -197,11 +203,40 @@ class Scheduler:
 
     def stop(self) -> None:
         """Finish every request with "cancelled", stop the thread and free the batch."""
+        rpc.remove_abort_listener(self._on_abort)
+        if self.lost:
+            return
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
         llama_cpp.llama_batch_free(self._batch)
+
+    def _on_abort(self, message: str, thread: threading.Thread) -> None:
+        """llama.cpp is aborting on ``thread`` (which will be parked, not killed): if that is
+        this model's worker, or one of its RPC servers is gone, end every request now with the
+        reason, since the worker will never come back to do it."""
+        lost_servers = [e for e in self.model.rpc_servers if e in rpc.lost_endpoints()]
+        if thread is not self._thread and not lost_servers:
+            return
+        if lost_servers:
+            why = (f"the RPC server {', '.join(lost_servers)} stopped answering (llama.cpp: "
+                   f"{message.rpartition(': ')[2] or message}); llama.cpp cannot reconnect, so "
+                   "this model is out of service: restart llmserve once the server is back")
+        else:
+            why = ("llama.cpp hit a fatal error (see the server log); this model is out of "
+                   "service until llmserve restarts")
+        self.failure = ModelFailed(why, retry_after=30.0)
+        self.lost = True
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._pending)
+            self._pending.clear()
+        # straight to each stream (thread-safe), not through the worker's outbox
+        running = [slot.job.stream for slot in self.slots if slot.job is not None]
+        for stream in [*map(_stream, waiting), *running]:
+            stream.push(Finish("error", len(stream.request.prompt_tokens), 0, error=why,
+                               cause=self.failure))
 
     # -- the worker thread -------------------------------------------------------------------
 

@@ -141,8 +141,15 @@ class ModelInfo:
     # as asked: None = llama.cpp's auto
     flash_attn: bool | None = None
 
+    # where llama.cpp put the layers: (device, layers) in its order, the device named as ggml
+    # does ("CPU", "CUDA0", "RPC0[host:port]"); empty when not known (a fake engine)
+    layer_devices: tuple[tuple[str, int], ...] = ()
+    rpc_servers: tuple[str, ...] = ()
+
     @property
     def layers_offloaded(self) -> int:
+        if self.layer_devices:
+            return sum(n for device, n in self.layer_devices if device != "CPU")
         if not self.gpu_offload_supported:
             return 0
         # llama.cpp counts the output layer as one more offloadable layer.

@@ -31,7 +31,8 @@ def create_app(
 ) -> Starlette:
     options = options or ServerOptions()
     state = AppState(host=host, limits=limits or Limits(), options=options,
-                     metrics=metrics.Metrics(host), drain=Drain())
+                     metrics=metrics.Metrics(host, replica=options.instance_name),
+                     drain=Drain())
     routes = [*health.routes, *models.routes, *openai.routes, *llamacpp.routes, *kobold.routes,
               *native.routes, *system.routes, *metrics.routes]
 

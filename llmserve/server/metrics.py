@@ -4,7 +4,9 @@ Each app has its own CollectorRegistry (tests build many apps in one process). R
 rejection counters are fed by the request-tracking middleware from the finished RequestRecord;
 token counts, time to first token and decode speed by the generation observer; the per-model
 gauges (queue depth, slots, load time, failure) and the loaded-model count are read from the
-ModelHost at scrape time.
+ModelHost at scrape time. With ``--instance-name`` every sample carries a ``replica`` label, so
+one Prometheus can scrape a fleet of replicas (behind LiteLLM or nginx) and tell them apart
+even when they sit behind one address.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ _RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 150.0, 250.
 
 
 class Metrics:
-    def __init__(self, host: ModelHost) -> None:
+    def __init__(self, host: ModelHost, *, replica: str | None = None) -> None:
         self.registry = CollectorRegistry()
+        self._exposed: CollectorRegistry | _Labelled = (
+            self.registry if replica is None else _Labelled(self.registry, {"replica": replica}))
         r = self.registry
         self.requests = Counter("llmserve_requests", "HTTP requests answered, by route and "
                                 "status.", ["route", "status"], registry=r)
@@ -81,7 +85,22 @@ class Metrics:
             self.decode_rate.labels(model).observe(record.tokens_per_second)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
+
+
+class _Labelled:
+    """A registry seen through extra constant labels (prometheus-client has no such option)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self._registry = registry
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            labelled = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            labelled.samples = [s._replace(labels={**self._labels, **s.labels})
+                                for s in metric.samples]
+            yield labelled
 
 
 class _HostCollector(Collector):

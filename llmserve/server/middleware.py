@@ -137,7 +137,9 @@ class Guard:
 
     def _admit(self, scope: Scope, headers: Headers) -> Allowance | None:
         """Raise the refusal for this request, or return its rate-limit allowance."""
-        if self.state.drain.draining:
+        # /health answers for itself while draining (503 "draining"), so that a load balancer
+        # sees why it must stop sending here
+        if self.state.drain.draining and scope["path"] not in PUBLIC_PATHS:
             raise self.state.drain.refusal()
         allowance = None
         if not self._public(scope):

@@ -1,7 +1,9 @@
 """GET /health: the state of every model the server knows of that is loaded or loading.
 
-200 while the loaded models all work; 503 with the reason otherwise: ``failed`` (a loaded
-model's engine died; ``failed`` names it), ``loading`` or ``no_model``. ``slots_busy`` and
+200 while the loaded models all work and the server takes requests; 503 with the reason
+otherwise: ``draining`` (SIGTERM received: a load balancer must stop sending at once, while
+requests in flight finish), ``failed`` (a loaded model's engine died; ``failed`` names it and
+each model's ``error`` says why), ``loading`` or ``no_model``. ``slots_busy`` and
 ``queued`` are totals over the loaded models; ``models`` has each one's own."""
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ from llmserve.server.state import AppState
 
 
 def _model(status: ModelStatus) -> dict[str, object]:
-    return {"id": status.spec.id, "state": "failed" if status.failed else "ready",
-            "slots": status.slots, "slots_busy": status.slots_busy, "queued": status.queued}
+    body: dict[str, object] = {
+        "id": status.spec.id, "state": "failed" if status.failed else "ready",
+        "slots": status.slots, "slots_busy": status.slots_busy, "queued": status.queued,
+    }
+    if status.error is not None:
+        body["error"] = status.error
+    return body
 
 
 async def health(request: Request) -> JSONResponse:
-    host = AppState.of(request).host
+    state = AppState.of(request)
+    host = state.host
     loaded = [s for s in host.statuses() if s.state == "loaded"]
     # host.loading, not the statuses: a model loaded by path is known only once it has loaded
     loading = host.loading
@@ -31,7 +39,9 @@ async def health(request: Request) -> JSONResponse:
         "slots_busy": sum(s.slots_busy for s in loaded),
         "queued": sum(s.queued for s in loaded),
     }
-    if failed:
+    if state.drain.draining:
+        body["status"] = "draining"
+    elif failed:
         body["status"] = "failed"
         body["failed"] = failed
     elif not loaded:

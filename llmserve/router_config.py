@@ -1,0 +1,153 @@
+"""`llmserve router-config`: the configuration that puts LiteLLM (its proxy or its Python Router)
+or nginx in front of several llmserve replicas, after checking that each replica answers.
+
+We write no load balancer of our own: LiteLLM and nginx route, retry and cool replicas down.
+What llmserve gives them is the signals (``/health`` 503 while loading, draining or failed; 503 +
+Retry-After on a full queue before any work, which is always safe to retry elsewhere) and this
+config. The YAML is written by hand (the structure is fixed and small) so that printing it
+needs no YAML library; ``yaml.safe_load`` reads it back (the tests do).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+Format = Literal["litellm", "nginx"]
+
+# LiteLLM's router settings for a fleet of equal replicas: send each request to the replica
+# with the fewest in flight, retry a failed call (a 503 from a full or draining replica, a
+# refused connection from a dead one) on another, and leave a failing replica alone for a while.
+ROUTER_SETTINGS: dict[str, object] = {
+    "routing_strategy": "least-busy",
+    "num_retries": 3,
+    "allowed_fails": 1,
+    "cooldown_time": 30,
+    "retry_after": 0,
+    "timeout": 600,
+}
+
+
+@dataclass(frozen=True)
+class Replica:
+    url: str  # base URL, no trailing slash, no /v1
+    models: tuple[str, ...] = ()
+    healthy: bool = True
+    problem: str = ""
+
+
+def base_url(url: str) -> str:
+    """``http://host:port`` from what a user may paste (a trailing slash or /v1)."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"replica {url!r} is not an http(s) URL like http://127.0.0.1:8081")
+    return url
+
+
+def check(url: str, *, api_key: str | None, timeout: float = 5.0) -> Replica:
+    """Ask the replica for /health and /v1/models."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
+            health = client.get("/health")
+            listed = client.get("/v1/models")
+    except httpx.HTTPError as exc:
+        return Replica(url, healthy=False, problem=f"not reachable ({exc})")
+    if listed.status_code == 401:
+        return Replica(url, healthy=False, problem="refused the API key (401); pass --api-key")
+    models: tuple[str, ...] = ()
+    if listed.status_code == 200:
+        models = tuple(m["id"] for m in listed.json().get("data", []) if "id" in m)
+    if health.status_code != 200:
+        try:
+            status = health.json().get("status", health.status_code)
+        except ValueError:
+            status = health.status_code
+        return Replica(url, models, healthy=False, problem=f"/health says {status}")
+    return Replica(url, models)
+
+
+def common_model(replicas: list[Replica]) -> str | None:
+    """The first model every replica lists (the one a fleet serves)."""
+    if not replicas or not replicas[0].models:
+        return None
+    for model in replicas[0].models:
+        if all(model in r.models for r in replicas[1:]):
+            return model
+    return None
+
+
+def litellm_config(replicas: list[Replica], *, model: str, model_name: str,
+                   api_key: str | None) -> str:
+    """The LiteLLM proxy's config.yaml; its ``model_list`` and ``router_settings`` are also
+    exactly what ``litellm.Router(**...)`` takes."""
+    lines = [
+        f"# LiteLLM in front of {len(replicas)} llmserve replica(s) (llmserve router-config)",
+        "# proxy: LITELLM_MASTER_KEY=sk-your-key litellm --config this.yaml --port 4000",
+        "# Python: litellm.Router(model_list=cfg['model_list'], **cfg['router_settings'])",
+        "model_list:",
+    ]
+    for replica in replicas:
+        lines += [
+            f"  - model_name: {_scalar(model_name)}",
+            "    litellm_params:",
+            # openai/ = an OpenAI-compatible server; the part after it is sent as `model`
+            f"      model: {_scalar('openai/' + model)}",
+            f"      api_base: {_scalar(replica.url + '/v1')}",
+            f"      api_key: {_scalar(api_key or 'none')}",
+        ]
+    lines.append("router_settings:")
+    lines += [f"  {key}: {_scalar(value)}" for key, value in ROUTER_SETTINGS.items()]
+    lines += [
+        "general_settings:",
+        "  # the key clients of the proxy send (the proxy refuses to start without one)",
+        '  master_key: "os.environ/LITELLM_MASTER_KEY"',
+        "  # the proxy polls each replica; llmserve's /health is 503 while loading or draining",
+        "  background_health_checks: true",
+        "  health_check_interval: 30",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def nginx_config(replicas: list[Replica], *, listen: int) -> str:
+    servers = "\n".join(
+        f"    server {urlsplit(r.url).netloc} max_fails=1 fail_timeout=30s;" for r in replicas)
+    return f"""# nginx in front of {len(replicas)} llmserve replica(s) (llmserve router-config)
+upstream llmserve {{
+    least_conn;
+{servers}
+    keepalive 32;
+}}
+
+server {{
+    listen {listen};
+    location / {{
+        proxy_pass http://llmserve;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        # tokens must reach the client as they are generated
+        proxy_buffering off;
+        proxy_read_timeout 600s;
+        # a 503 (queue full, loading, draining) comes before any work: safe to resend, POSTs too
+        proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+        proxy_next_upstream_tries {len(replicas)};
+    }}
+}}
+"""
+
+
+def _scalar(value: object) -> str:
+    """A YAML scalar: numbers as they are, strings JSON-quoted (JSON strings are YAML)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(str(value), allow_nan=False)

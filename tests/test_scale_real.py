@@ -1,0 +1,203 @@
+"""Tier 3, loopback only: real llmserve replicas behind LiteLLM's Router (configured by
+`llmserve router-config`), and the demo model served with its layers on a llama.cpp RPC server
+(`llmserve rpc-server`) that is then killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from llmserve.loadgen import same_llmserve_env
+from tests.conftest import ServerProcess, free_port
+from tests.polling import wait_until
+
+pytestmark = pytest.mark.real
+
+CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hello."}],
+                        "max_tokens": 4, "temperature": 0}
+
+
+def router_config(*urls: str) -> dict[str, Any]:
+    """`llmserve router-config` run as a user would, its stdout parsed as the proxy would."""
+    args = [a for url in urls for a in ("--replica", url)]
+    done = subprocess.run([sys.executable, "-m", "llmserve", "router-config", *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **same_llmserve_env()}, check=False)
+    assert done.returncode == 0, done.stderr
+    config: dict[str, Any] = yaml.safe_load(done.stdout)
+    return config
+
+
+def make_router(config: dict[str, Any]) -> Any:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch at import
+    import litellm
+
+    litellm.telemetry = False
+    return litellm.Router(model_list=config["model_list"], **config["router_settings"])
+
+
+async def ask(router: Any, model: str, stream: bool) -> str:
+    if not stream:
+        response = await router.acompletion(model=model, stream=False, **CHAT)
+        assert response.choices[0].finish_reason in ("stop", "length")
+        return str(response.choices[0].message.content)
+    text = ""
+    async for chunk in await router.acompletion(model=model, stream=True, **CHAT):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+    return text
+
+
+# litellm leaves a coroutine of a failed attempt un-awaited when it retries elsewhere
+ROUTER_WARNINGS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@ROUTER_WARNINGS
+@pytest.mark.timeout(600)
+def test_router_survives_a_replica_killed_halfway(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    # one thread each: two replicas share this machine's cores
+    a = start_server("--parallel", "2", "--max-queue", "32", "--threads", "1",
+                     "--instance-name", "a")
+    b = start_server("--parallel", "2", "--max-queue", "32", "--threads", "1",
+                     "--instance-name", "b")
+    config = router_config(a.url, b.url)
+    model = config["model_list"][0]["model_name"]
+    router = make_router(config)
+    clients = 4
+    broken: list[int] = []
+
+    async def run() -> list[str]:
+        done = 0
+        killed = asyncio.Event()
+        gate = asyncio.Semaphore(clients)
+
+        async def one(i: int) -> str:
+            nonlocal done
+            stream = i % 2 == 1
+            async with gate:
+                try:
+                    text = await ask(router, model, stream)
+                except Exception as exc:
+                    # Only a stream already delivering tokens from the replica that died can
+                    # fail: LiteLLM retries a request elsewhere until its first chunk, and no
+                    # router can resume a half-sent stream. The app asks again, as one would.
+                    assert stream and killed.is_set(), f"request {i} lost: {exc!r}"
+                    broken.append(i)
+                    text = await ask(router, model, stream)
+            done += 1
+            if done == 50 and not killed.is_set():
+                killed.set()
+                b.proc.kill()  # SIGKILL: no drain, connections just drop
+            return text
+
+        return await asyncio.gather(*(one(i) for i in range(100)))
+
+    answers = asyncio.run(asyncio.wait_for(run(), 540))
+    assert len(answers) == 100 and all(answers)
+    assert len(broken) <= clients, broken
+    assert b.proc.wait(10) is not None
+    # the survivor answered the rest, its samples labelled as --instance-name asked
+    metrics = httpx.get(f"{a.url}/metrics", timeout=10).text
+    assert 'llmserve_requests_total{replica="a",route="/v1/chat/completions",status="200"}' \
+        in metrics
+
+
+@ROUTER_WARNINGS
+@pytest.mark.timeout(600)
+def test_a_full_replica_503s_are_retried_on_the_other(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    tight = start_server("--parallel", "1", "--max-queue", "0", "--threads", "1")
+    roomy = start_server("--parallel", "2", "--max-queue", "32", "--threads", "1")
+    config = router_config(tight.url, roomy.url)
+    config["router_settings"]["routing_strategy"] = "simple-shuffle"  # both get traffic
+    model = config["model_list"][0]["model_name"]
+    router = make_router(config)
+
+    async def run() -> list[str]:
+        return await asyncio.gather(*(ask(router, model, stream=i % 2 == 0) for i in range(12)))
+
+    answers = asyncio.run(asyncio.wait_for(run(), 540))
+    assert len(answers) == 12 and all(answers)
+    refused = [line for line in httpx.get(f"{tight.url}/metrics", timeout=10).text.splitlines()
+               if line.startswith('llmserve_rejections_total{reason="queue_full"}')]
+    assert refused and float(refused[0].split()[-1]) >= 1, "the tight replica never said 503"
+
+
+# -- RPC -----------------------------------------------------------------------------------------
+
+
+def _rpc_build() -> None:
+    from llmserve.engine import rpc
+
+    if not rpc.supported():
+        pytest.skip('llama-cpp-python was built without RPC (CMAKE_ARGS="-DGGML_RPC=on"; '
+                    ".ci/run builds it so)")
+
+
+@pytest.fixture
+def rpc_server() -> Iterator[subprocess.Popen[bytes]]:
+    _rpc_build()
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmserve", "rpc-server", "--port", str(port), "--threads", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, **same_llmserve_env()})
+    proc.args = f"127.0.0.1:{port}"  # type: ignore[misc]
+
+    def listening() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            assert proc.poll() is None, "rpc-server exited"
+            return False
+
+    try:
+        wait_until(listening, timeout=60, what="the rpc-server to listen")
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_rpc_holds_the_layers_gives_the_local_answer_and_its_loss_is_a_clear_503(
+    rpc_server: subprocess.Popen[bytes], real_server: ServerProcess,
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    endpoint = str(rpc_server.args)
+    remote = start_server("--rpc", endpoint)
+    body = {"prompt": "The three primary colours are", "max_tokens": 12, "temperature": 0}
+    local = httpx.post(f"{real_server.url}/v1/completions", json=body, timeout=120).json()
+    over_rpc = httpx.post(f"{remote.url}/v1/completions", json=body, timeout=120).json()
+    assert over_rpc["choices"][0]["text"] == local["choices"][0]["text"]
+
+    (model,) = httpx.get(f"{remote.url}/system/info", timeout=30).json()["models"]
+    assert model["rpc_servers"] == [endpoint]
+    assert model["layers"] == {f"RPC0[{endpoint}]": model["n_layer"] + 1}
+    assert model["layers_offloaded"] == model["n_layer"] + 1
+
+    rpc_server.kill()
+    rpc_server.wait(10)
+    with httpx.Client(base_url=remote.url, timeout=60) as client:
+        failed = client.post("/v1/completions", json=body)
+        assert failed.status_code == 503
+        assert failed.json()["error"]["code"] == "model_failed"
+        assert f"RPC server {endpoint} stopped answering" in failed.json()["error"]["message"]
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert endpoint in health.json()["models"][0]["error"]
+        assert client.get("/v1/models").status_code == 200  # the server itself serves on
+    log = remote.stop()
+    assert f"layers off the CPU: RPC0[{endpoint}] {model['n_layer'] + 1}" in log
