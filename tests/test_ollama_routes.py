@@ -72,7 +72,7 @@ def test_generate_templates_the_prompt_and_returns_context(client: TestClient,
     assert engine.chats == [[{"role": "system", "content": "Be brief."},
                              {"role": "user", "content": "Hi"}]]
     prompt = list(engine.requests[0].prompt_tokens)
-    assert body["context"] == prompt + [0, 1, 2, 3]  # the fake's token ids are 0, 1, ...
+    assert body["context"] == [*prompt, 0, 1, 2, 3]  # the fake's token ids are 0, 1, ...
     # the context carries the conversation into the next request
     again = client.post("/api/generate", json={"model": "fake-model", "prompt": "More",
                                                "context": body["context"], "stream": False})
