@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from llmserve.config import ModelSpec
+from tests.conftest import requires_llama_cpp
 from tests.fakes import FakeEngine, Script
 from tests.test_gguf_info import LLAMA_META, write_gguf
 
@@ -124,6 +125,7 @@ def test_keep_alive_sets_the_models_expiry(client: TestClient) -> None:
     assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]
 
 
+@requires_llama_cpp  # the JSON-schema-to-grammar converter
 def test_format_json_and_schema_take_the_grammar_path(client: TestClient,
                                                       engine: FakeEngine) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
@@ -292,7 +294,9 @@ def gguf_client(make_app: Callable[..., Starlette], gguf_engine: FakeEngine,
                       sampling={"temperature": 0.5})
 
     def loader(spec: ModelSpec) -> FakeEngine:
-        return FakeEngine(model_id=spec.id)
+        engine = FakeEngine(model_id=spec.id)
+        engine._info = dataclasses.replace(engine.info, load_seconds=1.5)
+        return engine
 
     app = make_app(gguf_engine, specs=[other], loader=loader, max_loaded_models=2)
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -340,6 +344,10 @@ def test_generate_jit_loads_and_reports_the_load(gguf_client: TestClient) -> Non
     r = gguf_client.post("/api/generate", json={"model": "other", "prompt": "Hi",
                                                 "stream": False})
     assert r.status_code == 200
+    assert r.json()["load_duration"] == 1_500_000_000  # this request loaded it
+    again = gguf_client.post("/api/generate", json={"model": "other", "prompt": "Hi",
+                                                    "stream": False})
+    assert again.json()["load_duration"] == 0
     loaded = {m["name"] for m in gguf_client.get("/api/ps").json()["models"]}
     assert loaded == {"tiny", "other"}
 
