@@ -422,3 +422,19 @@ def test_non_finite_timings_never_reach_the_wire(make_app: Callable[..., Starlet
     last = json.loads(r.text.splitlines()[-1], parse_constant=lambda name: pytest.fail(name))
     assert set(last) == {"error"}
     assert r.status_code == (200 if stream else 500)
+
+
+def test_the_guards_refusals_are_in_ollamas_shape(make_app: Callable[..., Starlette],
+                                                  engine: FakeEngine) -> None:
+    from llmserve.server.options import ServerOptions
+
+    app = make_app(engine, options=ServerOptions(api_keys=("k",)))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/api/chat", json={"model": "m", "messages": CHAT})
+        assert r.status_code == 401 and set(r.json()) == {"error"}
+        assert isinstance(r.json()["error"], str)
+        assert c.get("/api/tags").json().keys() == {"error"}
+        assert c.post("/v1/chat/completions", json={"messages": CHAT}).json()["error"]["code"] \
+            == "invalid_api_key"
+        # the seed's routes keep their own shape too
+        assert c.post("/generate", json={"prompt": "hi"}).json().keys() == {"detail"}

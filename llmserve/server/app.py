@@ -58,7 +58,7 @@ def create_app(
             CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"],
             allow_headers=["*"], expose_headers=_EXPOSED_HEADERS,
         ))
-    middleware.append(Middleware(Guard, state=state))
+    middleware.append(Middleware(Guard, state=state, routes=routes))
     app = Starlette(
         routes=routes,
         middleware=middleware,

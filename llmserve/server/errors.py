@@ -10,19 +10,21 @@ Three renderings of the same exception tree, chosen per route family:
   ``ollama`` Python library raises it as ``ResponseError(message, status)``.
 
 The style is read from the matched endpoint (Starlette puts it in ``scope["endpoint"]``, also for
-a 405 on a known path); errors raised before routing use the default.
+a 405 on a known path); the guard's refusals before routing find it with ``style_for``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, TypeVar
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from llmserve.errors import AuthenticationError, LlmserveError, RateLimited, ServiceUnavailable
 from llmserve.server.access import current_record
@@ -48,6 +50,20 @@ def ollama_errors(endpoint: E) -> E:
 def style_of(request: Request) -> ErrorStyle:
     style: ErrorStyle = getattr(request.scope.get("endpoint"), "error_style", "openai")
     return style
+
+
+def style_for(scope: Scope, routes: Sequence[BaseRoute]) -> ErrorStyle:
+    """The error style of the route ``scope`` is for, before the router has run (the guard's
+    refusals: draining, API key, rate limit, body size)."""
+    partial: ErrorStyle | None = None
+    for route in routes:
+        match, child = route.matches(scope)
+        style: ErrorStyle = getattr(child.get("endpoint"), "error_style", "openai")
+        if match == Match.FULL:
+            return style
+        if match == Match.PARTIAL and partial is None:
+            partial = style
+    return partial or "openai"
 
 
 def error_body(exc: LlmserveError, style: ErrorStyle = "openai") -> dict[str, object]:
