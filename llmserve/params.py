@@ -3,7 +3,8 @@ through, checked and resolved into what the engine path needs.
 
 Each wire model in ``protocol/`` (a ``WireModel``) only renames its fields into this module's
 vocabulary — llama.cpp's /completion names (SamplingParams' fields, ``n_predict``, ``stop``,
-``n_probs``) plus ``do_sample`` — and reports what the client set (``Wire``). The rest is decided
+``n_probs``) plus ``do_sample`` and ``n_ctx`` (a context window the client asks for, at most the
+loaded one) — and reports what the client set (``Wire``). The rest is decided
 here, once:
 
 - bounds: one table (``BOUNDS``) for every number; NaN and ±inf are refused everywhere (Python's
