@@ -3,8 +3,9 @@
 Every error a user can meet is one of these. Each class carries the HTTP status, the OpenAI
 error ``type`` and ``code`` it maps to; ``server/errors.py`` turns any of them into the OpenAI
 envelope ``{"error": {"message", "type", "param", "code"}}`` (or, on the seed's native routes
-/generate, /chat and /generate/batch, into ``{"detail": message}`` with ``detail_status``) and the
-CLI turns them into one line and a non-zero exit. Nothing else maps exceptions to statuses.
+/generate, /chat and /generate/batch, into ``{"detail": message}`` with ``detail_status``; on
+Ollama's /api/* routes into ``{"error": message}``) and the CLI turns them into one line and a
+non-zero exit. Nothing else maps exceptions to statuses.
 
     LlmserveError                      500 server_error
     ├── InvalidRequest                 400 invalid_request_error     (param names the field)
@@ -17,6 +18,9 @@ CLI turns them into one line and a non-zero exit. Nothing else maps exceptions t
     ├── ModelNotFound                  404 model_not_found
     ├── RequestTooLarge                413 request_too_large
     ├── UnsupportedMediaType           415 unsupported_media_type
+    ├── NotImplementedHere             501 not_implemented           (an API operation llmserve
+    │                                                                 does not offer: pulling
+    │                                                                 or deleting models)
     ├── RateLimited                    429 rate_limit_exceeded       (+ Retry-After)
     ├── ServiceUnavailable             503                           (+ Retry-After)
     │   ├── ServerBusy                 503 server_busy
@@ -126,6 +130,16 @@ class UnsupportedMediaType(LlmserveError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class NotImplementedHere(LlmserveError):
+    """An operation of a client's API that llmserve deliberately does not offer (Ollama's
+    pull, push, create, copy and delete: llmserve serves GGUF files it is given). The message
+    says what to do instead."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "not_implemented"
 
 
 class RateLimited(LlmserveError):

@@ -3,7 +3,8 @@ through, checked and resolved into what the engine path needs.
 
 Each wire model in ``protocol/`` (a ``WireModel``) only renames its fields into this module's
 vocabulary — llama.cpp's /completion names (SamplingParams' fields, ``n_predict``, ``stop``,
-``n_probs``) plus ``do_sample`` — and reports what the client set (``Wire``). The rest is decided
+``n_probs``) plus ``do_sample`` and ``n_ctx`` (a context window the client asks for, at most the
+loaded one) — and reports what the client set (``Wire``). The rest is decided
 here, once:
 
 - bounds: one table (``BOUNDS``) for every number; NaN and ±inf are refused everywhere (Python's
@@ -36,11 +37,13 @@ from pydantic import BaseModel
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 
-Family = Literal["openai", "llamacpp", "kobold", "native"]
+Family = Literal["openai", "llamacpp", "kobold", "native", "ollama"]
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-# besides SamplingParams': KoboldAI's sampler ids, and the seed API's greedy switch
-VOCABULARY = SAMPLING_FIELDS | {"n_predict", "stop", "n_probs", "sampler_order", "do_sample"}
+# besides SamplingParams': KoboldAI's sampler ids, the seed API's greedy switch, and the context
+# window a client asks for (Ollama's num_ctx)
+VOCABULARY = SAMPLING_FIELDS | {"n_predict", "stop", "n_probs", "sampler_order", "do_sample",
+                                "n_ctx"}
 
 INT32_MAX = 2**31 - 1  # llama.cpp's int32_t parameters
 
@@ -104,6 +107,7 @@ BOUNDS: dict[str, Bound] = {
     "seed": _int(None, 2**64 - 1),  # negative = random
     "n_predict": _int(-1),  # 0 and -1 = until the context
     "n_probs": _int(0, 100),
+    "n_ctx": _int(1),
 }
 
 # The defaults each route family documents, below the model's configured ones.
@@ -114,11 +118,14 @@ FAMILY_DEFAULTS: dict[Family, Mapping[str, Any]] = {
     # the seed API's document; min-p, on by default in llama.cpp, is not one of its knobs
     "native": {"temperature": 0.7, "top_p": 0.9, "top_k": 80, "repeat_penalty": 1.15,
                "min_p": 0.0},
+    # Ollama's defaults are each model's Modelfile PARAMETERs; ours are the model's [sampling]
+    # table, so a request means the same on /api/chat as on /v1/chat/completions.
+    "ollama": {},
 }
 # The native families cap a request for more tokens than fit (llama-server and KoboldCpp do);
 # OpenAI's refuse it with context_length_exceeded.
 CAP_TO_CONTEXT: dict[Family, bool] = {
-    "openai": False, "llamacpp": True, "kobold": True, "native": True,
+    "openai": False, "llamacpp": True, "kobold": True, "native": True, "ollama": True,
 }
 
 # llama.cpp's default sampler order (common_params_sampling::samplers), canonical names.
@@ -219,6 +226,8 @@ class Params:
     model: str | None = None
     keep_alive: float | Literal["model"] | None = "model"
     names: Mapping[str, str] = field(default_factory=dict)
+    # the context window the client asked for (at most the model's); None: the model's
+    n_ctx: int | None = None
 
     @property
     def cap_to_context(self) -> bool:
@@ -267,6 +276,7 @@ def normalise(wire: Wire) -> Params:
     if n_predict is not None:
         n_predict = _number("n_predict", n_predict, names)
     n_probs = _number("n_probs", values["n_probs"], names) if "n_probs" in values else 0
+    n_ctx = _number("n_ctx", values["n_ctx"], names) if "n_ctx" in values else None
     return Params(
         family=wire.family,
         client=client,
@@ -276,6 +286,7 @@ def normalise(wire: Wire) -> Params:
         model=wire.model or None,
         keep_alive=wire.keep_alive,
         names=names,
+        n_ctx=n_ctx,
     )
 
 

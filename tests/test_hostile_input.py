@@ -35,6 +35,7 @@ class Case:
     body: dict[str, Any]
     field: str  # the key of ``body`` that carries text (or the nested value)
     detail: bool = False  # the seed routes answer {"detail": ...}
+    ollama: bool = False  # Ollama's routes answer {"error": message}
 
     @property
     def id(self) -> str:
@@ -61,6 +62,15 @@ CASES = [
     Case("/models/load", {"model": "fake-model"}, "model"),
     Case("/v1/models/unload", {"model": "fake-model"}, "model"),
     Case("/models/unload", {"model": "fake-model"}, "model"),
+    Case("/api/v0/chat/completions", {"messages": CHAT, "max_tokens": 4}, "messages"),
+    Case("/api/v0/completions", {"prompt": "hi", "max_tokens": 4}, "prompt"),
+    Case("/api/chat", {"model": "m", "messages": CHAT, "stream": False}, "messages", ollama=True),
+    Case("/api/generate", {"model": "m", "prompt": "hi", "stream": False}, "prompt",
+         ollama=True),
+    Case("/api/show", {"model": "fake-model"}, "model", ollama=True),
+    *(Case(f"/api/{op}", {"model": "m"}, "model", ollama=True)
+      for op in ("pull", "push", "create")),
+    Case("/api/copy", {"source": "a", "destination": "b"}, "source", ollama=True),
 ]
 
 
@@ -97,6 +107,9 @@ def _assert_client_error(r: Any, case: Case, *, says: str, param: str | None = N
     if case.detail:
         assert set(body) == {"detail"}
         assert says in body["detail"]
+    elif case.ollama:
+        assert set(body) == {"error"}
+        assert says in body["error"]
     else:
         error = body["error"]
         assert error["type"] == "invalid_request_error"
@@ -245,6 +258,8 @@ GENERATING = [
     ("/generate", {"prompt": "hi", "max_length": 4}, False),
     ("/chat", {"messages": CHAT, "max_length": 4}, False),
     ("/generate/batch", {"prompts": ["hi"], "max_length": 4}, False),
+    ("/api/v0/chat/completions", {"messages": CHAT, "max_tokens": 4}, True),
+    ("/api/v0/completions", {"prompt": "hi", "max_tokens": 4}, True),
 ]
 STREAMING = {"/api/v1/generate": "/api/extra/generate/stream"}
 

@@ -1,7 +1,8 @@
 """Tier 2: one request path. The same rule, tried through every route family (OpenAI chat and
-completions, llama.cpp's /completion, KoboldCpp's generate and stream, the seed's /generate,
-/chat and /generate/batch): the client's values win over a model's defaults, bad numbers are the
-same 400, ``model`` is honoured, and OpenAI fields we do not implement are refused."""
+completions, LM Studio's v0 chat, llama.cpp's /completion, KoboldCpp's generate and stream, the
+seed's /generate, /chat and /generate/batch, Ollama's /api/chat and /api/generate): the client's
+values win over a model's defaults, bad numbers are the same 400, ``model`` is honoured, and
+OpenAI fields we do not implement are refused."""
 
 from __future__ import annotations
 
@@ -32,9 +33,30 @@ class Route:
     accepts: frozenset[str] = LLAMA_FIELDS
     model_key: str = "model"
     detail: bool = False  # the seed's {"detail": ...} error shape
+    ollama: bool = False  # sampling fields inside "options"; errors as {"error": message}
 
     def name(self, key: str) -> str:
         return self.spelled.get(key, key)
+
+    def param(self, key: str) -> str:
+        """How an error names the field."""
+        return f"options.{self.name(key)}" if self.ollama else self.name(key)
+
+    def with_sampling(self, values: dict[str, Any]) -> dict[str, Any]:
+        if self.ollama:
+            return {**self.body, "options": values}
+        return {**self.body, **values}
+
+    def with_raw(self, key: str, raw: str) -> str:
+        """The body as JSON text with ``key`` set to ``raw`` (a JSON token such as NaN)."""
+        field = f'"{self.name(key)}": {raw}'
+        return json.dumps(self.body)[:-1] + (f', "options": {{{field}}}}}' if self.ollama
+                                             else f", {field}}}")
+
+    def error_message(self, body: dict[str, Any]) -> str:
+        if self.detail:
+            return str(body["detail"])
+        return str(body["error"] if self.ollama else body["error"]["message"])
 
 
 OPENAI_CHAT = Route("/v1/chat/completions", {"messages": MESSAGES})
@@ -43,6 +65,7 @@ LLAMACPP = Route("/completion", {"prompt": "Hi"})
 KOBOLD = {"repeat_penalty": "rep_pen"}
 NATIVE = {"repeat_penalty": "repetition_penalty"}
 NATIVE_FIELDS = frozenset({"temperature", "top_k"})
+OLLAMA_FIELDS = frozenset({"temperature", "top_k", "repeat_penalty"})
 
 ROUTES = [
     pytest.param(OPENAI_CHAT, id="openai-chat"),
@@ -57,6 +80,11 @@ ROUTES = [
                  id="native-chat"),
     pytest.param(Route("/generate/batch", {"prompts": ["Hi"]}, NATIVE, NATIVE_FIELDS,
                        "model_id", True), id="native-batch"),
+    pytest.param(Route("/api/v0/chat/completions", {"messages": MESSAGES}), id="lmstudio-chat"),
+    pytest.param(Route("/api/chat", {"messages": MESSAGES, "model": "x", "stream": False},
+                       accepts=OLLAMA_FIELDS, ollama=True), id="ollama-chat"),
+    pytest.param(Route("/api/generate", {"prompt": "Hi", "model": "x", "stream": False},
+                       accepts=OLLAMA_FIELDS, ollama=True), id="ollama-generate"),
 ]
 
 
@@ -82,7 +110,7 @@ def test_client_values_win_over_model_defaults(
     configured: tuple[TestClient, FakeEngine], route: Route
 ) -> None:
     client, engine = configured
-    r = client.post(route.path, json={**route.body, "temperature": 0.9, "top_k": 40})
+    r = client.post(route.path, json=route.with_sampling({"temperature": 0.9, "top_k": 40}))
     assert r.status_code == 200, r.text
     sampling = engine.requests[-1].sampling
     assert (sampling.temperature, sampling.top_k) == (0.9, 40)
@@ -106,21 +134,21 @@ def _bad_cases() -> list[Any]:
         route = param.values[0]
         for key, raw in BAD:
             if key in route.accepts or key in route.spelled:
-                cases.append(pytest.param(route, route.name(key), raw,
-                                          id=f"{param.id}-{key}={raw}"))
+                cases.append(pytest.param(route, key, raw, id=f"{param.id}-{key}={raw}"))
     return cases
 
 
-@pytest.mark.parametrize(("route", "wire", "raw"), _bad_cases())
+@pytest.mark.parametrize(("route", "key", "raw"), _bad_cases())
 def test_bad_numbers_are_the_same_400_everywhere(
-    client: TestClient, engine: FakeEngine, route: Route, wire: str, raw: str
+    client: TestClient, engine: FakeEngine, route: Route, key: str, raw: str
 ) -> None:
     # raw JSON text: Python's json reads NaN/Infinity tokens, and 1e999 as inf
-    content = json.dumps(route.body)[:-1] + f', "{wire}": {raw}}}'
+    content = route.with_raw(key, raw)
+    wire = route.param(key)
     r = client.post(route.path, content=content, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
-    if route.detail:
-        assert f"'{wire}'" in r.json()["detail"]
+    if route.detail or route.ollama:
+        assert f"'{wire}'" in route.error_message(r.json())
     else:
         error = r.json()["error"]
         assert error["param"] == wire and error["type"] == "invalid_request_error"
@@ -194,8 +222,7 @@ def test_an_unknown_model_is_404_listing_the_known_ones(
     client, _ = two_loaded
     r = client.post(route.path, json={**route.body, route.model_key: "nope"})
     assert r.status_code == 404, r.text
-    message = r.json()["detail"] if route.detail else r.json()["error"]["message"]
-    assert "a, b" in message
+    assert "a, b" in route.error_message(r.json())
 
 
 def test_a_model_is_found_by_its_gguf_path(

@@ -17,7 +17,17 @@ from llmserve.server.errors import handle_http_exception, handle_llmserve_error,
 from llmserve.server.generation import Limits
 from llmserve.server.middleware import Guard, RequestTracking
 from llmserve.server.options import ServerOptions
-from llmserve.server.routes import health, kobold, llamacpp, models, native, openai, system
+from llmserve.server.routes import (
+    health,
+    kobold,
+    llamacpp,
+    lmstudio,
+    models,
+    native,
+    ollama,
+    openai,
+    system,
+)
 from llmserve.server.shutdown import Drain
 from llmserve.server.state import AppState
 
@@ -34,7 +44,8 @@ def create_app(
                      metrics=metrics.Metrics(host, replica=options.instance_name),
                      drain=Drain())
     routes = [*health.routes, *models.routes, *openai.routes, *llamacpp.routes, *kobold.routes,
-              *native.routes, *system.routes, *metrics.routes]
+              *native.routes, *system.routes, *metrics.routes, *ollama.routes,
+              *lmstudio.routes]
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -48,7 +59,7 @@ def create_app(
             CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"],
             allow_headers=["*"], expose_headers=_EXPOSED_HEADERS,
         ))
-    middleware.append(Middleware(Guard, state=state))
+    middleware.append(Middleware(Guard, state=state, routes=routes))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -1,32 +1,37 @@
 """The one place that turns exceptions into HTTP responses.
 
-Two renderings of the same exception tree, chosen per route family:
+Three renderings of the same exception tree, chosen per route family:
 
 - ``openai`` (every route by default): ``{"error": {"message", "type", "param", "code"}}``.
 - ``detail`` (the seed's native routes, marked with ``@detail_errors``): ``{"detail": message}``,
   with the class's ``detail_status`` where it differs (413 for a prompt that cannot fit).
+- ``ollama`` (Ollama's /api/* routes, marked with ``@ollama_errors``): ``{"error": message}``
+  with the class's status, the shape Ollama's clients read (its docs/api/errors.mdx); the
+  ``ollama`` Python library raises it as ``ResponseError(message, status)``.
 
 The style is read from the matched endpoint (Starlette puts it in ``scope["endpoint"]``, also for
-a 405 on a known path); errors raised before routing use the default.
+a 405 on a known path); the guard's refusals before routing find it with ``style_for``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, TypeVar
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from llmserve.errors import AuthenticationError, LlmserveError, RateLimited, ServiceUnavailable
 from llmserve.server.access import current_record
 
 log = logging.getLogger("llmserve.server")
 
-ErrorStyle = Literal["openai", "detail"]
+ErrorStyle = Literal["openai", "detail", "ollama"]
 E = TypeVar("E", bound=Callable[..., object])
 
 
@@ -36,14 +41,36 @@ def detail_errors(endpoint: E) -> E:
     return endpoint
 
 
+def ollama_errors(endpoint: E) -> E:
+    """Mark a route endpoint whose errors render as ``{"error": message}``."""
+    endpoint.error_style = "ollama"  # type: ignore[attr-defined]
+    return endpoint
+
+
 def style_of(request: Request) -> ErrorStyle:
     style: ErrorStyle = getattr(request.scope.get("endpoint"), "error_style", "openai")
     return style
 
 
+def style_for(scope: Scope, routes: Sequence[BaseRoute]) -> ErrorStyle:
+    """The error style of the route ``scope`` is for, before the router has run (the guard's
+    refusals: draining, API key, rate limit, body size)."""
+    partial: ErrorStyle | None = None
+    for route in routes:
+        match, child = route.matches(scope)
+        style: ErrorStyle = getattr(child.get("endpoint"), "error_style", "openai")
+        if match == Match.FULL:
+            return style
+        if match == Match.PARTIAL and partial is None:
+            partial = style
+    return partial or "openai"
+
+
 def error_body(exc: LlmserveError, style: ErrorStyle = "openai") -> dict[str, object]:
     if style == "detail":
         return {"detail": exc.message}
+    if style == "ollama":
+        return {"error": exc.message}
     return exc.to_dict()
 
 
@@ -99,9 +126,10 @@ async def handle_llmserve_error(request: Request, exc: Exception) -> Response:
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = exc.detail or "error"
-    if style_of(request) == "detail":
-        return JSONResponse({"detail": message}, status_code=exc.status_code,
-                            headers=exc.headers)
+    style = style_of(request)
+    if style != "openai":
+        return JSONResponse(error_body(LlmserveError(message), style),
+                            status_code=exc.status_code, headers=exc.headers)
     body = LlmserveError(message).to_dict()
     error = body["error"]
     assert isinstance(error, dict)

@@ -84,6 +84,21 @@ def resolve_max_tokens(
     return budget
 
 
+def context_window(params: Params, n_ctx: int) -> int:
+    """The context a request may fill: the model's, or the smaller one the client asked for.
+    Asking for more than the model was loaded with is refused (the context is fixed at load
+    time, and silently using less would cut generations the client expects to fit)."""
+    if params.n_ctx is None:
+        return n_ctx
+    if params.n_ctx > n_ctx:
+        wire = params.wire_name("n_ctx")
+        raise InvalidRequest(
+            f"invalid '{wire}': the model is loaded with a context of {n_ctx} tokens, less "
+            f"than the {params.n_ctx} asked for; ask for at most {n_ctx}, or restart llmserve "
+            f"with --ctx-size {params.n_ctx}", param=wire)
+    return params.n_ctx
+
+
 def messages_for_template(messages: Sequence[oa.ChatMessage]) -> list[dict[str, Any]]:
     """Chat messages as the Jinja template sees them (text only; extra keys kept)."""
     out: list[dict[str, Any]] = []
@@ -326,7 +341,7 @@ async def start(
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         max_tokens = resolve_max_tokens(
-            len(prompt), params.max_tokens, engine.info.n_ctx, limits,
+            len(prompt), params.max_tokens, context_window(params, engine.info.n_ctx), limits,
             cap_to_context=params.cap_to_context,
         )
         stream = engine.submit(

@@ -23,7 +23,7 @@ from llmserve.errors import LlmserveError, RequestTooLarge
 from llmserve.ids import random_hex
 from llmserve.server.access import RequestRecord, current_record, write_access_line
 from llmserve.server.auth import ApiKeys
-from llmserve.server.errors import error_response, rate_limit_headers
+from llmserve.server.errors import error_response, rate_limit_headers, style_for
 from llmserve.server.generation import Generation, generation_observer
 from llmserve.server.ratelimit import Allowance, RateLimiter
 from llmserve.server.state import AppState
@@ -121,9 +121,10 @@ class RequestObserver:
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, state: AppState) -> None:
+    def __init__(self, app: ASGIApp, state: AppState, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.state = state
+        self.routes = routes
         options = state.options
         self.keys = ApiKeys(options.api_keys)
         self.limiter = RateLimiter(options.rate_limit) if options.rate_limit else None
@@ -167,7 +168,8 @@ class Guard:
         try:
             allowance = self._admit(scope, Headers(scope=scope))
         except LlmserveError as exc:
-            await error_response(exc)(scope, receive, send)
+            # in the shape of the route it was for (Ollama's clients read {"error": message})
+            await error_response(exc, style_for(scope, self.routes))(scope, receive, send)
             return
         received = 0
 

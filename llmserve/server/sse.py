@@ -1,4 +1,5 @@
-"""Server-sent events: framing, and a response that stops its body when the client leaves.
+"""Server-sent events (and Ollama's NDJSON): framing, and a response that stops its body when
+the client leaves.
 
 Starlette's StreamingResponse only notices a disconnect when a send fails (ASGI spec ≥ 2.4), so
 a stream still waiting in the queue would never learn its client is gone. This response always
@@ -47,6 +48,7 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 class EventStreamResponse(Response):
     media_type = "text/event-stream"
+    content_type = b"text/event-stream; charset=utf-8"
 
     def __init__(
         self,
@@ -67,7 +69,7 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"content-type", self.content_type),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
             *((k.lower().encode(), v.encode()) for k, v in self.extra_headers.items()),
@@ -86,6 +88,20 @@ class EventStreamResponse(Response):
             finally:
                 self.on_close()
                 tg.cancel_scope.cancel()
+
+
+class NdjsonStreamResponse(EventStreamResponse):
+    """The same body handling for newline-delimited JSON (Ollama's streams): one object a
+    line (``ndjson_line``)."""
+
+    media_type = "application/x-ndjson"
+    content_type = b"application/x-ndjson"
+
+
+def ndjson_line(payload: Mapping[str, Any]) -> bytes:
+    """One NDJSON line; the same refusal of NaN as ``event``."""
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode() + b"\n"
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

@@ -12,6 +12,7 @@ listed with an ``error`` instead of failing the listing.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -178,7 +179,7 @@ async def lmstudio_model(request: Request) -> JSONResponse:
 FOREVER = "9999-12-31T23:59:59Z"
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -189,30 +190,49 @@ def parameter_size(n: int) -> str:
     return str(n)
 
 
+def ollama_details(view: ModelView) -> dict[str, Any]:
+    gguf, info = view.gguf, view.status.info
+    arch = gguf.architecture if gguf else None
+    n_params = gguf.parameter_count if gguf else (info.n_params if info else 0)
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": arch or "",
+        "families": [arch] if arch else [],
+        "parameter_size": parameter_size(n_params),
+        "quantization_level": gguf.quantization if gguf else "",
+    }
+
+
+def ollama_digest(view: ModelView) -> str:
+    """Ollama's digest is the sha256 of a model's manifest. A GGUF here has none, and hashing
+    gigabytes for every listing is too slow: the sha256 of the file's path, size and mtime
+    names this version of the file instead (it changes when the file does)."""
+    path = view.status.spec.path
+    try:
+        st = path.stat()
+        key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    except OSError:
+        key = str(path)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def ollama_ps_entry(view: ModelView) -> dict[str, Any]:
-    status, gguf, info = view.status, view.gguf, view.status.info
+    status, info = view.status, view.status.info
     assert info is not None  # loaded models only
     if status.expires_at is not None:
-        expires = _iso(status.expires_at)
+        expires = iso_time(status.expires_at)
     elif status.keep_alive is None:
         expires = FOREVER
     else:  # in use: the countdown starts when its requests finish
-        expires = _iso(time.time() + status.keep_alive)
-    arch = gguf.architecture if gguf else None
+        expires = iso_time(time.time() + status.keep_alive)
     offloaded = info.layers_offloaded / (info.n_layer + 1) if info.n_layer >= 0 else 0.0
     return {
         "name": view.id,
         "model": view.id,
         "size": view.size,
-        "digest": "",
-        "details": {
-            "parent_model": "",
-            "format": "gguf",
-            "family": arch or "",
-            "families": [arch] if arch else [],
-            "parameter_size": parameter_size(gguf.parameter_count if gguf else info.n_params),
-            "quantization_level": gguf.quantization if gguf else "",
-        },
+        "digest": ollama_digest(view),
+        "details": ollama_details(view),
         "expires_at": expires,
         "size_vram": int(view.size * offloaded),
         "context_length": info.n_ctx,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -24,6 +24,11 @@ from llmserve.server.generation import (
 )
 from llmserve.server.requests import parse
 from llmserve.server.state import AppState
+
+# Fields another family adds to the answer's last object (LM Studio's v0 routes): given the
+# started generation (it may read the model file, off the event loop), a renderer of them from
+# the Finish.
+Extras = Callable[[Generation], Awaitable[Callable[[Finish], dict[str, Any]]]]
 
 
 def usage(finish: Finish) -> oa.Usage:
@@ -52,23 +57,38 @@ async def _start(
     request: Request,
     req: oa.ChatCompletionRequest | oa.CompletionRequest,
     build: Callable[[EngineProtocol], list[int]],
-) -> Generation:
-    """Admit and submit an OpenAI request (both endpoints share every generation option)."""
+    extras: Extras | None,
+) -> tuple[Generation, Callable[[Finish], dict[str, Any]]]:
+    """Admit and submit an OpenAI request (both endpoints share every generation option);
+    returns it with the renderer of ``extras``' fields."""
     state = AppState.of(request)
-    return await start(state.host, build, normalise(req.wire()), limits=state.limits,
-                       running=state.running, owner=Owner.of(request))
+    gen = await start(state.host, build, normalise(req.wire()), limits=state.limits,
+                      running=state.running, owner=Owner.of(request))
+    if extras is None:
+        return gen, _no_extras
+    try:
+        return gen, await extras(gen)
+    except BaseException:
+        gen.close()
+        raise
+
+
+def _no_extras(_finish: Finish) -> dict[str, Any]:
+    return {}
 
 
 def _chunks(
     gen: Generation, head: dict[str, Any], include_usage: bool,
     choice: Callable[[str | None], dict[str, Any]], opening: dict[str, Any] | None,
+    extra: Callable[[Finish], dict[str, Any]],
 ) -> AsyncGenerator[bytes, None]:
     """The SSE body of both endpoints: ``head`` (id, object, created, model) on every chunk;
     ``choice`` renders a piece of text (None: the final, empty one); ``opening``, a choice
-    sent first."""
+    sent first; ``extra``'s fields go on the final choice's chunk."""
 
     def chunk(part: dict[str, Any], reason: str | None = None,
-              timings: dict[str, int | float] | None = None) -> bytes:
+              timings: dict[str, int | float] | None = None,
+              more: dict[str, Any] | None = None) -> bytes:
         body: dict[str, Any] = {
             **head,
             "choices": [{"index": 0, **part, "logprobs": None, "finish_reason": reason}],
@@ -77,10 +97,11 @@ def _chunks(
             body["usage"] = None
         if timings is not None:  # on the last chunk, as llama-server does
             body["timings"] = timings
-        return sse.event(body)
+        return sse.event({**body, **(more or {})})
 
     def final(finish: Finish) -> list[bytes]:
-        out = [chunk(choice(None), finish_reason(finish), finish.timings.to_dict())]
+        out = [chunk(choice(None), finish_reason(finish), finish.timings.to_dict(),
+                     extra(finish))]
         if include_usage:
             out.append(sse.event({**head, "choices": [], "usage": oa.dump(usage(finish))}))
         return out
@@ -92,10 +113,10 @@ def _chunks(
     )
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request, extras: Extras | None = None) -> Response:
     req = await parse(request, oa.ChatCompletionRequest)
     build = chat_prompt_builder(req)
-    gen = await _start(request, req, build)
+    gen, extra = await _start(request, req, build, extras)
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("chatcmpl"), oa.now()
     if req.stream:
@@ -104,7 +125,7 @@ async def chat_completions(request: Request) -> Response:
             gen, head, _include_usage(req),
             lambda text: {"delta": {} if text is None else {"content": text}},
             # the role in the first delta, as the openai SDK expects
-            opening={"delta": {"role": "assistant", "content": ""}},
+            opening={"delta": {"role": "assistant", "content": ""}}, extra=extra,
         )
         return sse.EventStreamResponse(chunks, on_close=gen.close)
     result = await collect_or_abandon(request, gen)
@@ -123,28 +144,28 @@ async def chat_completions(request: Request) -> Response:
         usage=usage(result.finish),
         timings=result.finish.timings.to_dict(),
     )
-    return JSONResponse(oa.dump(body))
+    return JSONResponse({**oa.dump(body), **extra(result.finish)})
 
 
 def _include_usage(req: oa.ChatCompletionRequest | oa.CompletionRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-async def completions(request: Request) -> Response:
+async def completions(request: Request, extras: Extras | None = None) -> Response:
     req = await parse(request, oa.CompletionRequest)
     text = req.prompt_text
 
     def build(engine: EngineProtocol) -> list[int]:
         return engine.tokenize(text, add_special=True)
 
-    gen = await _start(request, req, build)
+    gen, extra = await _start(request, req, build, extras)
     model = gen.lease.engine.info.id
     cid, created = oa.new_id("cmpl"), oa.now()
     prefix = text if req.echo else ""
     if req.stream:
         head = {"id": cid, "object": "text_completion", "created": created, "model": model}
         chunks = _chunks(gen, head, _include_usage(req), lambda t: {"text": t or ""},
-                         opening={"text": prefix} if prefix else None)
+                         opening={"text": prefix} if prefix else None, extra=extra)
         return sse.EventStreamResponse(chunks, on_close=gen.close)
     result = await collect_or_abandon(request, gen)
     if result is None:
@@ -158,7 +179,7 @@ async def completions(request: Request) -> Response:
         usage=usage(result.finish),
         timings=result.finish.timings.to_dict(),
     )
-    return JSONResponse(oa.dump(body))
+    return JSONResponse({**oa.dump(body), **extra(result.finish)})
 
 
 routes = [
