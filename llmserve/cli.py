@@ -833,7 +833,7 @@ def ask(
     finally:
         client.close()
     if verbose:
-        err.print(turn.stats(), highlight=False)
+        err.print(turn.stats(), highlight=False, soft_wrap=True)
     if fail_on_length and turn.finish_reason == "length":
         fail("the answer was cut at the token limit (finish_reason length)", 4)
 
