@@ -123,8 +123,9 @@ def test_ask_puts_the_arguments_then_stdin_in_the_prompt(served: Client,
     r = runner.invoke(cli.app, ["ask", "--system", "be brief", "summarise", "this"],
                       input="line one\nline two\n")
     assert r.exit_code == 0, r.output
+    prompt = "summarise this\n\nline one\nline two\n"
     assert engine.chats[-1] == [{"role": "system", "content": "be brief"},
-                                {"role": "user", "content": "summarise this\n\nline one\nline two\n"}]
+                                {"role": "user", "content": prompt}]
 
 
 def test_ask_takes_stdin_alone(served: Client, engine: FakeEngine) -> None:
