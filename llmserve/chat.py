@@ -359,21 +359,24 @@ class Repl:
 
 
 class _AnswerView:
-    """An answer as it streams: rich markdown re-rendered live on a terminal, the reasoning
-    above it dimmed and, once the answer starts, collapsed to one line (``/think`` shows it).
+    """An answer as it streams. On a terminal: markdown rendered by rich; finished blocks
+    (up to a blank line outside a code fence) are printed for good, and only the block being
+    written is redrawn live, so a long answer scrolls instead of being redrawn whole. Reasoning
+    streams dimmed, then collapses to one line when the answer starts (``/think`` shows it).
     Plain text when the output is not a terminal."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.text = ""
         self.reasoning = ""
+        self._done = 0  # how much of ``text`` is printed for good
         self._live: Any = None
 
     def __enter__(self) -> _AnswerView:
         if self.console.is_terminal:
             from rich.live import Live
 
-            self._live = Live(console=self.console, refresh_per_second=12, transient=False,
+            self._live = Live(console=self.console, refresh_per_second=8, transient=False,
                               vertical_overflow="visible")
             self._live.__enter__()
         return self
@@ -390,26 +393,46 @@ class _AnswerView:
         if kind == "reasoning":
             self.reasoning += piece
         else:
+            if not self.text and self.reasoning and self._live is not None:
+                words = len(self.reasoning.split())
+                self._live.console.print(f"▸ reasoning, {words} words (/think shows it)",
+                                         style="dim", markup=False)
             self.text += piece
-        if self._live is not None:
-            self._live.update(self._render())
-        elif kind == "content":
-            self.console.file.write(piece)
-            self.console.file.flush()
+        if self._live is None:
+            if kind == "content":
+                self.console.file.write(piece)
+                self.console.file.flush()
+            return
+        finished = _finished_blocks(self.text[self._done:])
+        if finished:
+            from rich.markdown import Markdown
+
+            self._live.console.print(Markdown(self.text[self._done:self._done + finished]))
+            self._done += finished
+        self._live.update(self._render())
 
     def _render(self) -> RenderableType:
-        from rich.console import Group
         from rich.markdown import Markdown
         from rich.text import Text
 
-        parts: list[RenderableType] = []
-        if self.reasoning and not self.text:
-            parts.append(Text(self.reasoning, style="dim"))
-        elif self.reasoning:
-            words = len(self.reasoning.split())
-            parts.append(Text(f"▸ reasoning, {words} words (/think shows it)", style="dim"))
-        parts.append(Markdown(self.text))
-        return Group(*parts)
+        if not self.text:
+            return Text(self.reasoning, style="dim")
+        return Markdown(self.text[self._done:])
+
+
+def _finished_blocks(text: str) -> int:
+    """How much of ``text`` is whole markdown blocks: up to its last blank line that is not
+    inside a code fence (0: none yet)."""
+    end = 0
+    fenced = False
+    position = 0
+    for line in text.splitlines(keepends=True):
+        position += len(line)
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not line.strip() and not fenced and position < len(text):
+            end = position
+    return end
 
 
 def _escape(text: str) -> str:

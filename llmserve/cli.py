@@ -865,7 +865,10 @@ def chat(
     name = body_model or (loaded[0] if loaded else "the default model")
     err.print(f"[bold]llmserve chat[/] with {escape(name)} ({client.transport.description}). "
               "/help lists commands; Ctrl-C stops an answer, Ctrl-D quits.", highlight=False)
-    repl = Repl(client, out.console, model=body_model, system=system, history=history_file())
+    from rich.console import Console
+
+    repl = Repl(client, Console(highlight=False), model=body_model, system=system,
+                history=history_file())
     try:
         code = repl.run()
     finally:
