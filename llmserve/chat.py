@@ -129,9 +129,14 @@ def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """``/set NAME VALUE``: JSON when it parses (0.3, 40, true, ["a"]), else the text."""
+    """``/set NAME VALUE``: JSON when it parses (0.3, 40, true, ["a"]), else the text (also
+    NaN and Infinity, which JSON does not have: the server refuses them as text)."""
+
+    def not_json(name: str) -> Any:
+        raise ValueError(name)
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=not_json)
     except ValueError:
         return text
 
@@ -294,7 +299,7 @@ class Repl:
         if not name:
             settings = self.params or {"(none)": "server defaults"}
             for key, val in settings.items():
-                self.console.print(f"{key} = {json.dumps(val)}", highlight=False, markup=False)
+                self.console.print(f"{key} = {_json(val)}", highlight=False, markup=False)
             return
         if name in ("messages", "model", "stream", "stream_options"):
             raise ClientError(f"/set {name}: not a sampler; use /model, /load or /clear")
@@ -303,7 +308,7 @@ class Repl:
             self.console.print(f"[dim]{_escape(name)} unset[/]")
             return
         self.params[name] = parse_value(value.strip())
-        self.console.print(f"[dim]{_escape(name)} = {_escape(json.dumps(self.params[name]))}[/]")
+        self.console.print(f"[dim]{_escape(name)} = {_escape(_json(self.params[name]))}[/]")
 
     def _model(self, model: str) -> None:
         if not model:
@@ -326,7 +331,7 @@ class Repl:
             raise ClientError("/save FILE")
         messages = self.body()["messages"]
         try:
-            Path(path).expanduser().write_text(json.dumps(messages, indent=2) + "\n",
+            Path(path).expanduser().write_text(_json(messages, indent=2) + "\n",
                                                encoding="utf-8")
         except OSError as exc:
             raise ClientError(f"cannot save {path}: {exc}") from None
@@ -433,6 +438,10 @@ def _finished_blocks(text: str) -> int:
         elif not line.strip() and not fenced and position < len(text):
             end = position
     return end
+
+
+def _json(value: object, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, allow_nan=False)
 
 
 def _escape(text: str) -> str:

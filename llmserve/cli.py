@@ -792,8 +792,7 @@ def ask(
 ) -> None:
     """Answer one prompt and print only the answer: for pipes and scripts.
 
-    Exit codes: 0 done, 1 bad usage, 2 no server (or model) to answer, 3 the server answered an
-    error, 4 cut by the token limit (with --fail-on-length), 130 interrupted."""
+    Exit codes: 0 done, 1 usage, 2 no server/model, 3 server error, 4 cut, 130 Ctrl-C."""
     from llmserve.chat import complete_turn, load_schema, schema_format, stream_turn
 
     text = _prompt_text(prompt)
@@ -852,8 +851,7 @@ def chat(
     system: Annotated[str | None, typer.Option("--system", "-s", help="A system prompt.",
                                                show_default=False)] = None,
 ) -> None:
-    """Chat in the terminal: streamed markdown answers, /commands (/help lists them), history
-    across sessions. Ctrl-C stops an answer; Ctrl-D quits."""
+    """Chat in the terminal (/help lists the commands); Ctrl-C stops an answer, Ctrl-D quits."""
     from llmserve.chat import Repl, history_file
 
     try:
@@ -879,8 +877,7 @@ def chat(
 @app.command()
 def ps(url: UrlOption = None, api_key: ApiKeyOption = None,
        json_output: JsonOption = False) -> None:
-    """List the models a running server has loaded: size, context, slots busy, and how long
-    until an idle model is unloaded (its TTL)."""
+    """List the models a running server has loaded: size, context, busy slots, time to unload."""
     import datetime
     import urllib.parse
 

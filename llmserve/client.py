@@ -132,7 +132,10 @@ class Client:
         headers = {"Accept": "application/json, text/event-stream"}
         data = None
         if body is not None:
-            data = json.dumps(body).encode()
+            try:
+                data = json.dumps(body, allow_nan=False).encode()
+            except ValueError:
+                raise ClientError("a request value is not a finite number (nan or inf)") from None
             headers["Content-Type"] = "application/json"
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"

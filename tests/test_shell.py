@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from typer.testing import CliRunner
 
 from llmserve import cli
-from llmserve.chat import read_messages, stream_turn
+from llmserve.chat import _finished_blocks, parse_value, read_messages, stream_turn
 from llmserve.client import Client, HttpTransport
 from llmserve.errors import ModelUnavailable, ServerError, ServerUnreachable
 from llmserve.local import LocalTransport
@@ -288,3 +288,28 @@ def test_saved_messages_must_be_role_content_objects(tmp_path: Path) -> None:
     path.write_text(json.dumps({"role": "user"}))
     with pytest.raises(Exception, match="expected a JSON list"):
         read_messages(path)
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("0.3", 0.3), ("40", 40), ("true", True), ('["a", "b"]', ["a", "b"]), ("hello", "hello"),
+    ("NaN", "NaN"), ("-Infinity", "-Infinity"),
+])
+def test_set_values_are_json_else_text(text: str, value: object) -> None:
+    assert parse_value(text) == value
+
+
+def test_a_non_finite_option_is_a_usage_error(served: Client) -> None:
+    r = runner.invoke(cli.app, ["ask", "--temperature", "nan", "hi"], input="")
+    assert r.exit_code == 1
+    assert "finite" in r.stderr
+
+
+@pytest.mark.parametrize(("text", "done"), [
+    ("one paragraph, still growing", ""),
+    ("first\n\nsecond", "first\n\n"),
+    ("a\n\nb\n\nc", "a\n\nb\n\n"),
+    ("intro\n\n```python\nx = 1\n\ny = 2", "intro\n\n"),  # inside a fence: not finished
+    ("```\nx\n\ny\n```\n\nafter", "```\nx\n\ny\n```\n\n"),
+], ids=["none", "one", "two", "open-fence", "closed-fence"])
+def test_finished_markdown_blocks(text: str, done: str) -> None:
+    assert text[:_finished_blocks(text)] == done
