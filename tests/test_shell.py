@@ -313,3 +313,63 @@ def test_a_non_finite_option_is_a_usage_error(served: Client) -> None:
 ], ids=["none", "one", "two", "open-fence", "closed-fence"])
 def test_finished_markdown_blocks(text: str, done: str) -> None:
     assert text[:_finished_blocks(text)] == done
+
+
+def _repl_session(client: Client, lines: list[str], monkeypatch: pytest.MonkeyPatch,
+                  history: Path | None = None) -> tuple[int, str]:
+    """Run chat's REPL on ``lines`` (then Ctrl-D) with its output captured as plain text."""
+    import io
+
+    from rich.console import Console
+
+    from llmserve.chat import Repl
+
+    feed = iter(lines)
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    buffer = io.StringIO()
+    repl = Repl(client, Console(file=buffer, highlight=False, width=200), model=None,
+                system=None, history=history)
+    return repl.run(), buffer.getvalue()
+
+
+def test_repl_commands(local: Client, engine: FakeEngine, tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    saved, again = tmp_path / "a.json", tmp_path / "b.json"
+    code, output = _repl_session(local, [
+        "/set temperature 0", "/set max_tokens 3", "/system Be brief.", "Hello there",
+        "/stats", f"/save {saved}", "/clear", "/system -", f"/load {saved}", f"/save {again}",
+        "/set", "/set max_tokens", "/nope", "/help", '"""', "two", "lines", '"""',
+    ], monkeypatch, history=tmp_path / "data" / "chat_history")
+    assert code == 0
+    assert "Hello, world\n" in output  # the answer, cut at 3 tokens
+    assert "last answer: 3 tokens" in output and "finish length" in output
+    assert json.loads(saved.read_text()) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hello, world"}]
+    assert again.read_text() == saved.read_text()
+    assert "temperature = 0\nmax_tokens = 3" in output
+    assert "max_tokens unset" in output and "unknown command /nope" in output
+    assert "/system TEXT" in output
+    first, last = engine.requests[0], engine.requests[-1]
+    assert (first.sampling.temperature, first.max_tokens) == (0.0, 3)
+    assert last.max_tokens > 3  # after /set max_tokens (unset)
+    assert engine.chats[-1][-1] == {"role": "user", "content": "two\nlines"}
+    assert (tmp_path / "data" / "chat_history").exists()  # its lines: test_shell_real
+
+
+def test_repl_reports_errors_and_keeps_going(local: Client, engine: FakeEngine,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    code, output = _repl_session(local, ["/set temperature -1", "Hi", "/set temperature",
+                                         "Hi", "/model nosuch", "/load /no/such.json"],
+                                 monkeypatch)
+    assert code == 0
+    assert output.count("error:") == 3
+    assert "temperature" in output and "Hello, world!" in output
+    assert len(engine.requests) == 1  # the refused turn was not sent on
