@@ -829,6 +829,10 @@ def ask(
         sys.stdout.write("\n")
         err.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # the reader went away (`| head -1`): stop generating, end as `yes | head` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     finally:
         client.close()
     if verbose:

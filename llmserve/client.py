@@ -109,6 +109,9 @@ class HttpTransport:
             conn.close()
             raise ServerUnreachable(
                 f"the server at {self.description} did not answer: {exc}") from None
+        except BaseException:  # Ctrl-C before the answer began: the server cancels it
+            conn.close()
+            raise
         return _HttpResponse(conn, resp)
 
     def close(self) -> None:

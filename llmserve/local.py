@@ -131,7 +131,11 @@ class LocalTransport:
                 self._loop.call_soon_threadsafe(event.set)
 
         asyncio.run_coroutine_threadsafe(call(), self._loop)
-        kind, value = messages.get()
+        try:
+            kind, value = messages.get()
+        except BaseException:  # Ctrl-C before the answer began: cancel it as a client would
+            disconnect()
+            raise
         if kind != "status":
             raise ServerError(f"the in-process server failed: {value}")
         return _LocalResponse(value, messages, disconnect)

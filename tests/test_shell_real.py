@@ -107,7 +107,11 @@ def test_ask_with_a_bad_key_exits_3(start_server: Callable[..., ServerProcess],
     assert r.returncode == 0, r.stderr
 
 
-def test_ctrl_c_exits_130_and_frees_the_slot(real_server: ServerProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stop", "code"), [("sigint", 130), ("reader-leaves", 141)])
+def test_stopping_ask_mid_answer_frees_the_slot(real_server: ServerProcess, tmp_path: Path,
+                                                 stop: str, code: int) -> None:
+    """Ctrl-C (SIGINT) exits 130; a reader that goes away (`| head -c 5`) 141, as `yes` does;
+    either way the server stops generating."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmserve", "ask", "--url", real_server.url, "--max-tokens",
          "1500", "Write a very long story about a dragon and a knight."],
@@ -119,8 +123,11 @@ def test_ctrl_c_exits_130_and_frees_the_slot(real_server: ServerProcess, tmp_pat
         while not select.select([proc.stdout], [], [], 0.1)[0]:  # the answer has started
             assert time.monotonic() < deadline and proc.poll() is None, "no answer came"
         assert not slots_idle(real_server.url)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 130
+        if stop == "sigint":
+            proc.send_signal(signal.SIGINT)
+        else:
+            proc.stdout.close()
+        assert proc.wait(timeout=30) == code
     finally:
         if proc.poll() is None:
             proc.kill()
