@@ -193,10 +193,14 @@ class Repl:
             return
         if self.history is None:
             return
-        self.history.parent.mkdir(parents=True, exist_ok=True)
-        if self.history.exists():
-            readline.read_history_file(self.history)
         readline.set_history_length(2000)
+        try:
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            if self.history.exists():
+                readline.read_history_file(self.history)
+        except OSError as exc:  # a history we cannot read costs the history, not the chat
+            self.console.print(f"[yellow]warning:[/] input history: {_escape(str(exc))}")
+            self.history = None
 
     def _remember(self) -> None:
         if self.history is None:
@@ -241,6 +245,8 @@ class Repl:
                     self.command(text)
                 else:
                     self.ask(text)
+            except KeyboardInterrupt:  # during a command (/model loading): stop it, stay
+                self.console.print("[dim](stopped)[/]")
             except LlmserveError as exc:
                 self.console.print(f"[bold red]error:[/] {_escape(exc.message)}",
                                    highlight=False)
