@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -316,6 +315,8 @@ def _first_error(exc: ValueError) -> str:
 
 
 def serve(settings: Settings, *, log_level: str = "info") -> None:
+    import logging
+
     import uvicorn
 
     from llmserve.gguf_info import read_gguf
@@ -711,6 +712,8 @@ def _connect(url: str | None, api_key: str | None, model: str | None, local: boo
 
 
 def _local_client(path: Path) -> Client:
+    import logging
+
     from llmserve.client import Client
     from llmserve.local import open_local
 
