@@ -657,6 +657,7 @@ def rpc_server(
     RPC server, from this llmserve's llama.cpp build)."""
     import threading
 
+    from llmserve.config import is_loopback
     from llmserve.engine import rpc
     from llmserve.engine.model import init_backend
 
