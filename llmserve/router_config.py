@@ -49,28 +49,28 @@ def base_url(url: str) -> str:
     return url
 
 
-def check(url: str, *, api_key: str | None, timeout: float = 5.0) -> Replica:
-    """Ask the replica for /health and /v1/models."""
-    import httpx
+def check(url: str, *, api_key: str | None) -> Replica:
+    """Ask the replica for /v1/models and /health (through the client every command shares)."""
+    from llmserve.client import Client
+    from llmserve.errors import ClientError, ServerError, ServerUnreachable
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = Client.connect(url, api_key)
     try:
-        with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
-            health = client.get("/health")
-            listed = client.get("/v1/models")
-    except httpx.HTTPError as exc:
-        return Replica(url, healthy=False, problem=f"not reachable ({exc})")
-    if listed.status_code == 401:
-        return Replica(url, healthy=False, problem="refused the API key (401); pass --api-key")
-    models: tuple[str, ...] = ()
-    if listed.status_code == 200:
-        models = tuple(m["id"] for m in listed.json().get("data", []) if "id" in m)
-    if health.status_code != 200:
-        try:
-            status = health.json().get("status", health.status_code)
-        except ValueError:
-            status = health.status_code
-        return Replica(url, models, healthy=False, problem=f"/health says {status}")
+        listed = client.get("/v1/models")
+    except ServerUnreachable as exc:
+        return Replica(url, healthy=False, problem=f"not reachable: {exc.message}")
+    except ServerError as exc:
+        hint = "; pass --api-key" if exc.http_status == 401 else ""
+        return Replica(url, healthy=False, problem=exc.message + hint)
+    except ClientError as exc:
+        return Replica(url, healthy=False, problem=exc.message)
+    models = tuple(m["id"] for m in (listed or {}).get("data", []) if "id" in m)
+    try:
+        client.get("/health")
+    except ClientError as exc:
+        status = exc.http_status if isinstance(exc, ServerError) else "no answer"
+        return Replica(url, models, healthy=False,
+                       problem=f"not ready (/health: {status}; loading, draining or failed)")
     return Replica(url, models)
 
 
