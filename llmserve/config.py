@@ -316,6 +316,7 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
+    webui: bool = True
 
     @field_validator("api_key")
     @classmethod

@@ -19,6 +19,7 @@ class ServerOptions:
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    webui: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServerOptions:
@@ -33,4 +34,5 @@ class ServerOptions:
             log_format=settings.log_format,
             log_prompts=settings.log_prompts,
             shutdown_timeout=settings.shutdown_timeout,
+            webui=settings.webui,
         )
