@@ -416,8 +416,12 @@
     }
     const markdown = el("div", "markdown");
     markdown.appendChild(window.llmMarkdown.render(text));
-    if (message.streaming && !text && !reasoning) markdown.appendChild(el("span", "typing", "…"));
     children.push(markdown);
+    if (message.streaming && !text && !reasoning) {
+      const typing = el("div", "typing", "…");
+      typing.setAttribute("aria-label", "Waiting for the answer");
+      children.push(typing);
+    }
     if (message.stopped) children.push(el("div", "notice", "Stopped."));
     if (message.error) children.push(el("div", "message-error", message.error));
     if (message.stats) children.push(el("div", "stats", statsText(message.stats)));
