@@ -6,6 +6,7 @@ Each test saves a screenshot; the folder is printed (``pytest -s``) and is
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -93,6 +94,10 @@ def slots(server: ServerProcess, key: str | None = None) -> list[dict[str, Any]]
     return result
 
 
+def shoot(page: Page, path: Path) -> None:
+    page.screenshot(path=str(path), animations="disabled")
+
+
 def wait_for_models(page: Page) -> None:
     expect(page.locator("#model")).to_be_enabled()
 
@@ -144,7 +149,7 @@ def test_a_question_streams_an_answer_with_no_console_errors(
     expect(page.locator("#conversations")).to_contain_text("Write a Python function")
     stored = page.evaluate("JSON.parse(localStorage.getItem('llmserve.conversations'))")
     assert [m["role"] for m in stored[0]["messages"]] == ["user", "assistant"]
-    page.screenshot(path=str(artifacts / "chat.png"))
+    shoot(page, artifacts / "chat.png")
     # a new visit starts a new chat; the saved one opens from the list
     page.reload()
     wait_for_models(page)
@@ -178,7 +183,7 @@ def test_stop_aborts_the_answer_and_frees_the_slot(
     # nothing arrives after Stop, and the server's slot stays idle
     assert not slots(server)[0]["is_processing"]
     assert answer.inner_text() == text
-    page.screenshot(path=str(artifacts / "stopped.png"))
+    shoot(page, artifacts / "stopped.png")
     assert console.errors == []
 
 
@@ -265,7 +270,7 @@ def test_the_page_asks_for_the_api_key_and_then_works(
     key_form = page.locator("#key-form")
     expect(key_form).to_be_visible()
     expect(key_form).to_contain_text("needs an API key")
-    page.screenshot(path=str(artifacts / "api-key.png"))
+    shoot(page, artifacts / "api-key.png")
     page.get_by_label("API key", exact=True).fill("sk-wrong")
     page.get_by_role("button", name="Use this key").click()
     expect(key_form).to_contain_text("refused the saved API key")
@@ -298,7 +303,7 @@ def test_a_refused_request_shows_the_servers_message(
     # the question is given back to send again, and no empty answer is left behind
     expect(page.locator("#prompt")).to_have_value("Hello there")
     expect(page.locator(".message")).to_have_count(0)
-    page.screenshot(path=str(artifacts / "error.png"))
+    shoot(page, artifacts / "error.png")
 
 
 def test_a_rate_limited_request_says_when_to_retry(
@@ -329,4 +334,85 @@ def test_usable_at_phone_width(server: ServerProcess, open_page: Callable[..., P
     page.locator("#open-sidebar").click()
     expect(page.get_by_role("button", name="+ New chat")).to_be_visible()
     expect(page.locator("#conversations li")).to_have_count(1)
-    page.screenshot(path=str(artifacts / "phone.png"))
+    shoot(page, artifacts / "phone.png")
+
+
+def sse(*events: dict[str, Any]) -> str:
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+
+def chunk(delta: dict[str, str], **extra: Any) -> dict[str, Any]:
+    return {"object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "finish_reason": extra.pop("finish_reason", None)}], **extra}
+
+
+@pytest.mark.parametrize("reasoning", ["reasoning_content", "think-tags"])
+def test_reasoning_shows_collapsed_and_markdown_renders_safely(
+    server: ServerProcess, open_page: Callable[..., Page], reasoning: str,
+) -> None:
+    """The page's rendering of what a reasoning model streams (the demo model does not reason:
+    this stream is scripted in the browser, the page and its model list are the real server's)."""
+    answer = ("## Result\n\nA **bold** claim, `code`, [a link](https://example.org/) and "
+              "[not a link](javascript:alert(1)) <script>alert(2)</script>\n\n"
+              "- one\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+              "```python\ndef f(x):\n    return x  # done\n```\n")
+    thought = "The user wants an example."
+    if reasoning == "think-tags":
+        deltas = [{"content": "<think>" + thought[:10]}, {"content": thought[10:] + "</think>\n"}]
+    else:
+        deltas = [{"reasoning_content": thought[:10]}, {"reasoning_content": thought[10:]}]
+    body = sse(
+        chunk({"role": "assistant", "content": ""}), *(chunk(d) for d in deltas),
+        *(chunk({"content": answer[i:i + 40]}) for i in range(0, len(answer), 40)),
+        chunk({}, finish_reason="stop", timings={"predicted_n": 30, "predicted_per_second": 42.5,
+                                                 "cache_n": 12}),
+        {"object": "chat.completion.chunk", "choices": [], "usage": {
+            "prompt_tokens": 20, "completion_tokens": 30, "total_tokens": 50,
+            "prompt_tokens_details": {"cached_tokens": 12}}},
+    )
+    page = open_page(server)
+    console = Console(page)
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+    page.goto(url(server))
+    wait_for_models(page)
+    ask(page, "Show me markdown")
+    message = page.locator(".message.assistant")
+    expect(message.locator(".stats")).to_contain_text("30 tokens · 42.5 tokens/s · 12 cached")
+    details = message.locator("details.reasoning")
+    expect(details).to_have_count(1)
+    assert details.get_attribute("open") is None  # collapsed
+    expect(details.locator(".reasoning-text")).to_be_hidden()
+    details.locator("summary").click()
+    expect(details.locator(".reasoning-text")).to_have_text(thought)
+    markdown = message.locator(".markdown")
+    expect(markdown.locator("h3")).to_have_text("Result")  # the page has the h1
+    expect(markdown.locator("strong")).to_have_text("bold")
+    expect(markdown.locator("a")).to_have_count(1)
+    assert markdown.locator("a").get_attribute("href") == "https://example.org/"
+    expect(markdown).to_contain_text("<script>alert(2)</script>")  # shown as text, not run
+    expect(markdown.locator("script")).to_have_count(0)
+    expect(markdown.locator("li")).to_have_count(2)
+    expect(markdown.locator("td")).to_have_text(["1", "2"])
+    code = markdown.locator("pre code")
+    expect(code).to_have_text("def f(x):\n    return x  # done")
+    expect(code.locator(".tok-keyword")).to_have_text(["def", "return"])
+    expect(code.locator(".tok-comment")).to_have_text("# done")
+    assert "think" not in markdown.inner_text()
+    assert console.errors == []
+
+
+def test_an_error_in_the_stream_is_shown_under_the_answer(
+    server: ServerProcess, open_page: Callable[..., Page],
+) -> None:
+    body = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Partial"}),
+               {"error": {"message": "the model failed", "type": "server_error"}})
+    page = open_page(server)
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+    page.goto(url(server))
+    wait_for_models(page)
+    ask(page, "Hello")
+    message = page.locator(".message.assistant")
+    expect(message.locator(".message-error")).to_contain_text("the model failed")
+    expect(message.locator(".markdown")).to_have_text("Partial")
