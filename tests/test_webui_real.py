@@ -336,6 +336,8 @@ def test_usable_at_phone_width(server: ServerProcess, open_page: Callable[..., P
     expect(page.get_by_role("button", name="+ New chat")).to_be_visible()
     expect(page.locator("#conversations li")).to_have_count(1)
     shoot(page, artifacts / "phone.png")
+    page.mouse.click(370, 400)  # beside the list, over the chat
+    expect(page.locator("#sidebar")).to_be_hidden()
 
 
 def sse(*events: dict[str, Any]) -> str:

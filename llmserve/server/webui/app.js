@@ -196,6 +196,8 @@
     try {
       models = (await (await api("/v1/models")).json()).data || [];
     } catch (e) {
+      ui.picker.replaceChildren(el("option", null, "No model list"));
+      ui.picker.disabled = true;
       handle(e);
       return;
     }
@@ -360,6 +362,10 @@
   }
 
   ui.openSidebar.addEventListener("click", openSidebar);
+  // at phone width the open list covers the chat: a tap beside it closes it
+  document.querySelector(".main").addEventListener("click", (event) => {
+    if (event.target === event.currentTarget) closeSidebar();
+  });
   ui.closeSidebar.addEventListener("click", closeSidebar);
 
   // -- messages -------------------------------------------------------------------------------
