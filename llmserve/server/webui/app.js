@@ -191,12 +191,18 @@
 
   // -- models ---------------------------------------------------------------------------------
 
+  function placeholderOption(text) {
+    const option = el("option", null, text);
+    option.value = ""; // no model named: the server's default
+    return option;
+  }
+
   async function loadModels() {
     let models;
     try {
       models = (await (await api("/v1/models")).json()).data || [];
     } catch (e) {
-      ui.picker.replaceChildren(el("option", null, "No model list"));
+      ui.picker.replaceChildren(placeholderOption("No model list"));
       ui.picker.disabled = true;
       handle(e);
       return;
@@ -210,7 +216,7 @@
       ui.picker.appendChild(option);
     }
     if (!models.length) {
-      ui.picker.appendChild(el("option", null, "No models"));
+      ui.picker.appendChild(placeholderOption("No models"));
       ui.picker.disabled = true;
       return;
     }
