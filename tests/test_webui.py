@@ -108,3 +108,9 @@ def test_no_webui_flag(monkeypatch: pytest.MonkeyPatch, args: list[str], env: di
     r = CliRunner().invoke(cli.app, ["run", "x.gguf", *args], env=env)
     assert r.exit_code == 0, r.output
     assert ServerOptions.from_settings(seen[0]).webui is expected
+
+
+def test_run_help_lists_no_webui() -> None:
+    r = CliRunner().invoke(cli.app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    assert "--no-webui" in r.stdout

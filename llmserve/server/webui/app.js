@@ -579,18 +579,15 @@
     }
   }
 
+  // From the stream's last chunks: usage (stream_options.include_usage) and llama-server's
+  // timings; a stopped answer has neither.
   function stats(answer, timings, usage, started, firstAt) {
     const out = { finish: answer.finish };
-    const tokens = usage ? usage.completion_tokens : timings ? timings.predicted_n : undefined;
-    if (tokens !== undefined) out.tokens = tokens;
-    if (timings && timings.predicted_per_second) {
-      out.tps = timings.predicted_per_second;
-    } else if (tokens > 1 && firstAt !== null) {
-      out.tps = (tokens - 1) / ((performance.now() - firstAt) / 1000);
+    if (usage) {
+      out.tokens = usage.completion_tokens;
+      out.cached = (usage.prompt_tokens_details || {}).cached_tokens;
     }
-    const details = usage && usage.prompt_tokens_details;
-    if (details && details.cached_tokens !== undefined) out.cached = details.cached_tokens;
-    else if (timings && timings.cache_n !== undefined) out.cached = timings.cache_n;
+    if (timings) out.tps = timings.predicted_per_second;
     if (firstAt !== null) out.ttft = (firstAt - started) / 1000;
     return out;
   }
