@@ -145,6 +145,7 @@ def test_a_question_streams_an_answer_with_no_console_errors(
     assert len(partial) >= 3, f"the answer did not arrive in pieces: {lengths}"
     expect(page.locator("#send")).to_be_visible()
     expect(page.locator("#stop")).to_be_hidden()
+    expect(page.get_by_role("status").filter(has_text="Answer")).to_have_text("Answer finished.")
     # the conversation is kept in the browser and listed
     expect(page.locator("#conversations li")).to_have_count(1)
     expect(page.locator("#conversations")).to_contain_text("Write a Python function")
@@ -178,6 +179,7 @@ def test_stop_aborts_the_answer_and_frees_the_slot(
                what="the slot to be freed after Stop")
     assert time.monotonic() - stopped_at < 10
     expect(page.locator(".message.assistant .notice")).to_have_text("Stopped.")
+    expect(page.locator("#announce")).to_have_text("Answer stopped.")
     expect(page.locator("#send")).to_be_visible()
     text = answer.inner_text()
     assert text.strip()

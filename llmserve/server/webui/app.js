@@ -38,6 +38,7 @@
     keyForm: $("key-form"),
     keyReason: $("key-reason"),
     keyInput: $("api-key"),
+    announce: $("announce"),
     messages: $("messages"),
     empty: $("empty"),
     composer: $("composer"),
@@ -291,8 +292,10 @@
   }
 
   function closeSettings() {
+    if (ui.settings.hidden) return;
     ui.settings.hidden = true;
     ui.openSettings.setAttribute("aria-expanded", "false");
+    ui.openSettings.focus();
   }
 
   ui.openSettings.addEventListener("click", () => (ui.settings.hidden ? openSettings() : closeSettings()));
@@ -575,6 +578,9 @@
       saveConversations();
       if (conversation === current) renderMessages();
       renderList();
+      // the streamed text itself is not read out token by token (aria-busy): say when it is done
+      ui.announce.textContent = answer.stopped ? "Answer stopped." : answer.error ? answer.error
+        : conversation.messages.includes(answer) ? "Answer finished." : "";
       ui.prompt.focus();
     }
   }
