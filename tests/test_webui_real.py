@@ -29,6 +29,9 @@ API_KEY = "sk-webui-test"
 # SmolLM2-135M keeps counting far past what a test waits for: Stop is what ends this answer
 LONG_PROMPT = "Count from 1 to 1000, one number per line, with no other text."
 UI_TIMEOUT_MS = 60_000  # the machine is shared: generous, but bounded
+# One llama.cpp thread: where other processes load the cores, llama.cpp's spinning threads slow
+# each other down (15 vs 1.1 tokens/s measured here with 1 and 2 threads at load 12).
+THREADS = ("--threads", "1")
 expect.set_options(timeout=UI_TIMEOUT_MS)
 
 
@@ -84,7 +87,7 @@ def url(server: ServerProcess) -> str:
 
 @pytest.fixture(scope="module")
 def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    return start_server("--parallel", "1")
+    return start_server("--parallel", "1", *THREADS)
 
 
 def slots(server: ServerProcess, key: str | None = None) -> list[dict[str, Any]]:
@@ -240,7 +243,7 @@ def test_the_model_picker_lists_and_loads_models(
 ) -> None:
     for name in ("first-model", "second-model"):
         (tmp_path / f"{name}.gguf").symlink_to(demo_model)
-    server = start_server("--models-dir", str(tmp_path))
+    server = start_server("--models-dir", str(tmp_path), *THREADS)
     listed = httpx.get(f"{url(server)}v1/models", timeout=10).json()["data"]
     states = {m["id"]: m["state"] for m in listed}
     assert sorted(states) == ["first-model", "second-model"]
@@ -267,7 +270,7 @@ def test_the_model_picker_lists_and_loads_models(
 def test_the_page_asks_for_the_api_key_and_then_works(
     start_server: Callable[..., ServerProcess], open_page: Callable[..., Page], artifacts: Path,
 ) -> None:
-    server = start_server("--api-key", API_KEY)
+    server = start_server("--api-key", API_KEY, *THREADS)
     page = open_page(server)
     page.goto(url(server))
     key_form = page.locator("#key-form")
@@ -312,7 +315,7 @@ def test_a_refused_request_shows_the_servers_message(
 def test_a_rate_limited_request_says_when_to_retry(
     start_server: Callable[..., ServerProcess], open_page: Callable[..., Page],
 ) -> None:
-    server = start_server("--rate-limit", "1/minute", "--rate-burst", "1")
+    server = start_server("--rate-limit", "1/minute", "--rate-burst", "1", *THREADS)
     page = open_page(server)
     page.goto(url(server))  # the page's files are not counted; its model list takes the one
     wait_for_models(page)
