@@ -294,6 +294,10 @@ def run(
                                  "replica=NAME to every /metrics sample (one Prometheus "
                                  "scraping several replicas).", show_default=False)
     ] = None,
+    webui: Annotated[
+        bool, typer.Option("--webui/--no-webui", envvar="LLMSERVE_WEBUI", help="Serve the chat "
+                           "page at / (its files need no API key; its API calls do).")
+    ] = True,
 ) -> None:
     """Serve GGUF models over an OpenAI-compatible HTTP API."""
     values = dict(ctx.params)
@@ -479,6 +483,8 @@ def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
                   "anyone who can reach this port can use the model. Set --api-key or "
                   "LLMSERVE_API_KEY.", highlight=False, soft_wrap=True)
     err.print(f"  url      {url}/v1", highlight=False)
+    if options.webui:
+        err.print(f"  chat     {url}/  (in a browser; --no-webui turns it off)", highlight=False)
     err.print(
         f"  try      curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
         """-d '{"messages":[{"role":"user","content":"Hello!"}]}'""",

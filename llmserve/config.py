@@ -351,6 +351,7 @@ class Settings(BaseModel):
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
     # a `replica` label on every /metrics sample, for a fleet scraped by one Prometheus
     instance_name: str | None = Field(default=None, min_length=1, max_length=128)
+    webui: bool = True
 
     @field_validator("api_key")
     @classmethod

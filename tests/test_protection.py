@@ -23,7 +23,9 @@ from tests.fakes import FakeEngine, Script
 
 CHAT = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
 KEYS = ("sk-first", "sk-second")
-PUBLIC = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/v1/health"), ("HEAD", "/v1/health")}
+PUBLIC = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/v1/health"), ("HEAD", "/v1/health"),
+          # the chat page and its files: it must load to ask for the key (test_webui.py)
+          ("GET", "/"), ("HEAD", "/"), ("GET", "/webui/x"), ("HEAD", "/webui/x")}
 
 
 def keyed_client(make_app: Callable[..., Starlette], **options: Any) -> TestClient:

@@ -27,6 +27,7 @@ from llmserve.server.routes import (
     ollama,
     openai,
     system,
+    webui,
 )
 from llmserve.server.shutdown import Drain
 from llmserve.server.state import AppState
@@ -46,6 +47,8 @@ def create_app(
     routes = [*health.routes, *models.routes, *openai.routes, *llamacpp.routes, *kobold.routes,
               *native.routes, *system.routes, *metrics.routes, *ollama.routes,
               *lmstudio.routes]
+    if options.webui:
+        routes += webui.routes
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

@@ -4,9 +4,10 @@ RequestTracking (outermost): the request id (X-Request-ID echoed, or made up, an
 the RequestRecord that metrics and the access line are made from, the generation observer.
 
 Guard (innermost): before any route runs — refuse while draining (503 shutting_down), check the
-API key (401) except on the public routes, take from the client's rate-limit bucket (429), and
-refuse bodies over ``--max-body-size`` (413): at once when Content-Length says so, otherwise as
-soon as the bytes received pass the limit, so an oversized body is never held in memory.
+API key (401) except on the public routes (/health, the chat page and its files), take from the
+client's rate-limit bucket (429), and refuse bodies over ``--max-body-size`` (413): at once
+when Content-Length says so, otherwise as soon as the bytes received pass the limit, so an
+oversized body is never held in memory.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from llmserve.server.auth import ApiKeys
 from llmserve.server.errors import error_response, rate_limit_headers, style_for
 from llmserve.server.generation import Generation, generation_observer
 from llmserve.server.ratelimit import Allowance, RateLimiter
+from llmserve.server.routes.webui import is_page_path
 from llmserve.server.state import AppState
 
 PUBLIC_PATHS = ("/health", "/v1/health")
@@ -133,8 +135,9 @@ class Guard:
     def _public(self, scope: Scope) -> bool:
         if scope["method"] not in ("GET", "HEAD"):
             return False
-        path = scope["path"]
-        return path in PUBLIC_PATHS or (path == "/metrics" and self.state.options.metrics_public)
+        path, options = scope["path"], self.state.options
+        return (path in PUBLIC_PATHS or (path == "/metrics" and options.metrics_public)
+                or (options.webui and is_page_path(path)))
 
     def _admit(self, scope: Scope, headers: Headers) -> Allowance | None:
         """Raise the refusal for this request, or return its rate-limit allowance."""

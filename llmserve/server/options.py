@@ -21,6 +21,7 @@ class ServerOptions:
     log_prompts: bool = False
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     instance_name: str | None = None
+    webui: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServerOptions:
@@ -36,4 +37,5 @@ class ServerOptions:
             log_prompts=settings.log_prompts,
             shutdown_timeout=settings.shutdown_timeout,
             instance_name=settings.instance_name,
+            webui=settings.webui,
         )
