@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -316,6 +317,24 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
+    # -- tools and reasoning (issue 11) --
+    tool_parser: Literal["hermes", "llama3", "mistral", "generic"] | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    reasoning_format: Literal["none", "auto", "deepseek"] = "auto"
+
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _kwargs_json(cls, value: object) -> object:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc.msg}") from None
+            if not isinstance(value, dict):
+                raise ValueError("must be a JSON object")
+        return value
 
     @field_validator("api_key")
     @classmethod

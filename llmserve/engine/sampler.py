@@ -43,6 +43,19 @@ def prepare(params: SamplingParams, model: LoadedModel) -> SamplingParams:
     return params
 
 
+def _init_grammar(model: LoadedModel, grammar: str, triggers: Sequence[str]) -> Any:
+    """llama.cpp's grammar sampler; lazy (llama_sampler_init_grammar_lazy_patterns) when
+    ``triggers`` are given: it lets every token through until a trigger regex matches the text
+    generated so far, then constrains from the trigger's first group on."""
+    if not triggers:
+        return llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    patterns = [t.encode() for t in triggers]
+    c_patterns = (ctypes.c_char_p * len(patterns))(*patterns)  # copied by llama.cpp
+    return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+        model.vocab, grammar.encode(), b"root", c_patterns, len(patterns), None, 0
+    )
+
+
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
 
@@ -61,9 +74,7 @@ class Sampler:
         for step in self.plan.steps:
             llama_cpp.llama_sampler_chain_add(self._chain, self._build(step, model))
         if self.plan.grammar is not None:
-            self._grammar = llama_cpp.llama_sampler_init_grammar(
-                model.vocab, self.plan.grammar.encode(), b"root"
-            )
+            self._grammar = _init_grammar(model, self.plan.grammar, params.grammar_triggers)
             if not self._grammar:
                 self.free()
                 raise InvalidRequest("invalid 'grammar': llama.cpp could not parse it",

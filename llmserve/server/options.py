@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from llmserve.config import DEFAULT_MAX_BODY_SIZE, DEFAULT_SHUTDOWN_TIMEOUT, Settings
+from llmserve.server.chat_plan import ChatDefaults
 from llmserve.server.ratelimit import RateLimit
 
 
@@ -19,6 +20,7 @@ class ServerOptions:
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    chat: ChatDefaults = field(default_factory=ChatDefaults)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServerOptions:
@@ -33,4 +35,6 @@ class ServerOptions:
             log_format=settings.log_format,
             log_prompts=settings.log_prompts,
             shutdown_timeout=settings.shutdown_timeout,
+            chat=ChatDefaults(settings.tool_parser, settings.chat_template_kwargs,
+                              settings.reasoning_format),
         )
