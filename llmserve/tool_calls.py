@@ -519,7 +519,6 @@ class ToolParser:
                 elif final:
                     content.append(text[k:])
                 break
-            assert call is not None or obj.name is None
             after = _skip_ws(text, obj.end)
             if text.startswith(close, after):
                 pos = after + len(close)
