@@ -175,21 +175,21 @@ THINK_GRAMMAR = 'root ::= [a-z ]{4,16} "</think>" [a-z ]{4,16}'
 
 def test_reasoning_content_is_split_streamed_and_not(think_server: ServerProcess) -> None:
     client = _client(think_server)
-    kwargs: dict[str, Any] = dict(model="m", messages=ASK, max_tokens=60, temperature=0,
-                                  extra_body={"grammar": THINK_GRAMMAR})
-    message = client.chat.completions.create(**kwargs).choices[0].message
+    kwargs: dict[str, Any] = dict(model="m", messages=ASK, max_tokens=60, temperature=0)
+    grammar = {"grammar": THINK_GRAMMAR}
+    message = client.chat.completions.create(**kwargs, extra_body=grammar).choices[0].message
     reasoning = (message.model_extra or {}).get("reasoning_content")
     assert reasoning and message.content
     assert "think>" not in reasoning and "think>" not in message.content
     streamed_reasoning, streamed_content = "", ""
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
+    for chunk in client.chat.completions.create(**kwargs, extra_body=grammar, stream=True):
         if chunk.choices:
             delta = chunk.choices[0].delta
             streamed_reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
             streamed_content += delta.content or ""
     assert (streamed_reasoning, streamed_content) == (reasoning, message.content)
     # reasoning_format none leaves the block in content
-    raw = client.chat.completions.create(**kwargs, extra_body={"grammar": THINK_GRAMMAR,
+    raw = client.chat.completions.create(**kwargs, extra_body={**grammar,
                                                                 "reasoning_format": "none"})
     assert "</think>" in (raw.choices[0].message.content or "")
 
