@@ -68,7 +68,7 @@ def main() -> None:
     )
     pairs: list[dict[str, Any]] = []
     with c.started([contender], rid) as servers, httpx.Client() as client:
-        base = f"http://127.0.0.1:{servers['llmserve'].port}"
+        base = servers["llmserve"].url
         for rep in range(args.reps + 1):
             pair: dict[str, Any] = {}
             for forced in ((True, False) if rep % 2 else (False, True)):

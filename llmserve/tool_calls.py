@@ -310,7 +310,6 @@ def validate_arguments(tool: Tool, arguments: str) -> str | None:
 class ParsedCall:
     name: str
     arguments: str  # the JSON text as the model wrote it; partial until the call is complete
-    complete: bool
 
 
 @dataclass(frozen=True)
@@ -452,10 +451,10 @@ def _call(text: str, obj: _Object, final: bool, names: frozenset[str]) -> Parsed
         return None
     if obj.args_start is None:
         if obj.end is None and not final:
-            return ParsedCall(obj.name, "", False)
-        return ParsedCall(obj.name, "{}", True)  # a call without arguments
+            return ParsedCall(obj.name, "")
+        return ParsedCall(obj.name, "{}")  # a call without arguments
     end = obj.args_end if obj.args_end is not None else len(text)
-    return ParsedCall(obj.name, text[obj.args_start:end], obj.end is not None)
+    return ParsedCall(obj.name, text[obj.args_start:end])
 
 
 def partial_marker(text: str, marker: str) -> int:
@@ -637,13 +636,13 @@ class ToolParser:
                 end = _json_end(text, i)
             except _Incomplete:
                 if i < len(text) and text[i] == "{":
-                    calls.append(ParsedCall(name, text[i:], False))
+                    calls.append(ParsedCall(name, text[i:]))
                 elif final:
-                    calls.append(ParsedCall(name, "{}", True))
+                    calls.append(ParsedCall(name, "{}"))
                 return head, calls
             except _Invalid:
                 return (text, []) if not calls else (head + text[pos:], calls)
-            calls.append(ParsedCall(name, text[i:end], True))
+            calls.append(ParsedCall(name, text[i:end]))
             nxt = text.find(_MISTRAL_TAG, end)
             if nxt < 0:
                 tail = text[end:]
