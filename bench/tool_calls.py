@@ -1,11 +1,13 @@
 """Forced tool calls: decode tokens/s of a grammar-forced call against the same number of plain
 tokens, on one llmserve (the demo model with the Hermes tool template of tests/fixtures).
 
-The forced request names a tool whose arguments are an unbounded list of numbers
+The forced request names a tool whose arguments are a list of at least 100 numbers
 (``tool_choice: {"type": "function", ...}``, so the grammar from its schema applies from the
-first token); the plain one asks the same question without tools and with ``ignore_eos``, so
-both generate exactly ``--max-tokens``. Repetitions alternate the two (drift in the machine's
-load hits both alike); one warm-up pair is discarded; the rate is the server's own decode rate
+first token, and the call cannot end before ``--max-tokens``); the plain one is a
+/v1/completions request for the same rendered prompt (tools included: the context's length
+changes decode speed) with ``ignore_eos``, so both generate exactly ``--max-tokens`` after the
+same context. Repetitions alternate the two (drift in the machine's load hits both alike); one
+warm-up pair is discarded; the rate is the server's own decode rate
 (``timings.predicted_per_second``: tokens after the prompt / their time), so HTTP and prompt
 reading are left out. The ratio is the median of the per-pair ratios.
 
@@ -31,18 +33,27 @@ MESSAGES = [{"role": "user", "content": "Write down the first prime numbers."}]
 TOOL = {"type": "function", "function": {
     "name": "record_numbers", "description": "Record a list of numbers",
     "parameters": {"type": "object", "properties": {
-        "numbers": {"type": "array", "items": {"type": "integer"}}}, "required": ["numbers"]},
+        # minItems: the call cannot end before max_tokens, so both requests generate as many
+        "numbers": {"type": "array", "items": {"type": "integer"}, "minItems": 100}},
+        "required": ["numbers"]},
 }}
 
 
 def request(client: httpx.Client, base: str, *, forced: bool, max_tokens: int) -> dict[str, Any]:
-    body: dict[str, Any] = {"messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0}
+    """The forced call on /v1/chat/completions; the plain one on /v1/completions with the very
+    prompt chat renders (tools included: decode speed depends on the context's length)."""
     if forced:
-        body |= {"tools": [TOOL], "parallel_tool_calls": False, "tool_choice": {
-            "type": "function", "function": {"name": "record_numbers"}}}
+        route, body = "/v1/chat/completions", {
+            "messages": MESSAGES, "tools": [TOOL], "parallel_tool_calls": False,
+            "tool_choice": {"type": "function", "function": {"name": "record_numbers"}}}
     else:
-        body["ignore_eos"] = True
-    r = client.post(f"{base}/v1/chat/completions", json=body, timeout=600)
+        rendered = client.post(f"{base}/apply-template",
+                               json={"messages": MESSAGES, "tools": [TOOL]}, timeout=60)
+        rendered.raise_for_status()
+        route, body = "/v1/completions", {"prompt": rendered.json()["prompt"],
+                                          "ignore_eos": True}
+    r = client.post(f"{base}{route}", json={**body, "max_tokens": max_tokens, "temperature": 0},
+                    timeout=600)
     r.raise_for_status()
     data: dict[str, Any] = r.json()
     return data
