@@ -29,6 +29,8 @@ from llmserve.engine.types import SamplingParams
 from llmserve.errors import ConfigError, InvalidRequest
 from llmserve.gguf_info import SPLIT_PATTERN
 from llmserve.params import checked_sampling
+from llmserve.reasoning import ReasoningFormat
+from llmserve.tool_calls import Format
 from llmserve.units import Duration
 
 DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -187,6 +189,9 @@ class ServerSection(BaseModel):
     models_dir: Path | None = None
     max_loaded_models: int | None = Field(default=None, ge=1)
     ttl: Duration = None
+    tool_parser: Format | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: ReasoningFormat | None = None
     sampling: SamplingDefaults = Field(default_factory=dict)
 
 
@@ -318,9 +323,9 @@ class Settings(BaseModel):
     log_prompts: bool = False
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
     # -- tools and reasoning (issue 11) --
-    tool_parser: Literal["hermes", "llama3", "mistral", "generic"] | None = None
+    tool_parser: Format | None = None
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
-    reasoning_format: Literal["none", "auto", "deepseek"] = "auto"
+    reasoning_format: ReasoningFormat = "auto"
 
     @field_validator("chat_template_kwargs", mode="before")
     @classmethod
@@ -391,7 +396,7 @@ class Settings(BaseModel):
 
 
 _SERVER_KEYS = ("host", "port", "max_queue", "parallel", "models_dir", "max_loaded_models",
-                "ttl")
+                "ttl", "tool_parser", "chat_template_kwargs", "reasoning_format")
 _CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "flash_attn", "chat_template")
 
 

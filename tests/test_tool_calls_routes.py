@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from llmserve.config import resolve_settings
 from llmserve.server.chat_plan import ChatDefaults
 from llmserve.server.options import ServerOptions
 from tests.conftest import requires_llama_cpp
@@ -198,3 +200,20 @@ def test_server_default_template_kwargs_reach_the_template(
     hermes_client.post("/v1/chat/completions", json={
         "messages": ASK, "chat_template_kwargs": {"enable_thinking": True, "x": 1}})
     assert seen == [{"enable_thinking": False}, {"enable_thinking": True, "x": 1}]
+
+
+def test_server_defaults_from_flags_and_config(tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text('[server]\ntool_parser = "llama3"\nreasoning_format = "none"\n'
+                      "chat_template_kwargs = { enable_thinking = false }\n")
+    settings = resolve_settings({"config": config}, set())
+    assert ServerOptions.from_settings(settings).chat == ChatDefaults(
+        "llama3", {"enable_thinking": False}, "none")
+    # a flag (JSON text) wins over the file
+    flagged = resolve_settings({"config": config, "chat_template_kwargs": '{"x": 1}'},
+                               {"chat_template_kwargs"})
+    assert flagged.chat_template_kwargs == {"x": 1}
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        resolve_settings({"chat_template_kwargs": "[1]"}, {"chat_template_kwargs"})
+    with pytest.raises(ValueError, match="tool_parser"):
+        resolve_settings({"tool_parser": "qwen"}, {"tool_parser"})
