@@ -206,3 +206,38 @@ def test_chat_template_kwargs_change_the_rendered_prompt(think_server: ServerPro
         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert r.choices[0].message.content
     assert not (r.choices[0].message.model_extra or {}).get("reasoning_content")
+
+
+def test_lazy_grammar_starts_at_its_trigger_or_gives_up_without_crashing(
+    demo_model: Path,
+) -> None:
+    """In-process: the sampler's trigger watch on the real vocabulary. Text the grammar refuses
+    after the trigger must not reach llama.cpp's grammar (it would throw through ctypes and
+    abort the server)."""
+    from llmserve.engine.model import LoadedModel, init_backend
+    from llmserve.engine.sampler import Sampler
+    from llmserve.engine.sampling import compile_json_schema
+    from llmserve.engine.types import SamplingParams
+    from llmserve.tool_calls import ToolChoice, call_grammar, call_schema, grammar_plan, parse_tools
+
+    init_backend()
+    model = LoadedModel(demo_model, n_ctx=256, n_gpu_layers=0, n_threads=1, n_parallel=1)
+    try:
+        tools, choice = parse_tools(TOOLS), ToolChoice("auto")
+        plan = grammar_plan("hermes", choice, True)
+        assert plan is not None
+        params = SamplingParams(temperature=0, grammar_triggers=plan.triggers, grammar=call_grammar(
+            plan, compile_json_schema(call_schema(tools, choice, "hermes"))))
+        good = Sampler(params, model)
+        for token in model.tokenize("Let me look. <tool_call>\n", add_special=False):
+            assert good._grammar is None
+            good._watch(token)
+        assert good._grammar is not None  # constrained from the marker on
+        bad = Sampler(params, model)
+        bad._generated = 'Sure <tool_call>{"na'  # no newline after the marker: refused
+        bad._watch(model.tokenize("me", add_special=False)[0])
+        assert bad._grammar is None and not bad._triggers  # given up: parsed as it is
+        good.free()
+        bad.free()
+    finally:
+        model.close()

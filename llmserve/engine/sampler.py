@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,19 +44,6 @@ def prepare(params: SamplingParams, model: LoadedModel) -> SamplingParams:
     return params
 
 
-def _init_grammar(model: LoadedModel, grammar: str, triggers: Sequence[str]) -> Any:
-    """llama.cpp's grammar sampler; lazy (llama_sampler_init_grammar_lazy_patterns) when
-    ``triggers`` are given: it lets every token through until a trigger regex matches the text
-    generated so far, then constrains from the trigger's first group on."""
-    if not triggers:
-        return llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
-    patterns = [t.encode() for t in triggers]
-    c_patterns = (ctypes.c_char_p * len(patterns))(*patterns)  # copied by llama.cpp
-    return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-        model.vocab, grammar.encode(), b"root", c_patterns, len(patterns), None, 0
-    )
-
-
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 # samplers that change logits in place and keep every candidate
 _IN_PLACE = frozenset({"logit_bias", "penalties", "dry"})
@@ -76,20 +64,60 @@ class Sampler:
         self._grammar: Any = None
         for step in self.plan.steps:
             llama_cpp.llama_sampler_chain_add(self._chain, self._build(step, model))
+        self._model = model
+        # A lazy grammar (``grammar_triggers``) waits, unconstrained, for a trigger in the text
+        # generated so far (``_watch``). llama.cpp's own lazy sampler
+        # (llama_sampler_init_grammar_lazy_patterns) is not used: when the token that completes
+        # its trigger carries text the grammar refuses, it throws a C++ exception, which
+        # through ctypes aborts the whole server.
+        self._triggers = [re.compile(t) for t in params.grammar_triggers]
+        self._generated = ""
         if self.plan.grammar is not None:
-            self._grammar = _init_grammar(model, self.plan.grammar, params.grammar_triggers)
-            if not self._grammar:
-                self.free()
-                raise InvalidRequest("invalid 'grammar': llama.cpp could not parse it",
-                                     param="grammar")
             self._candidates = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
             self._token_ids = np.arange(model.n_vocab, dtype=np.int32)
+            if not self._triggers:
+                self._grammar = self._new_grammar()
         # The shortcut is exact only when the chain before ``greedy`` changes logits in place
         # and drops no candidate (no typical/XTC), and the shortlist is smaller than the
         # vocabulary.
         self._greedy_shortcut = (self.plan.names[-1:] == ["greedy"]
                                  and set(self.plan.names) <= _IN_PLACE | {"greedy"}
                                  and model.n_vocab > _SHORTLIST)
+
+    def _new_grammar(self) -> Any:
+        assert self.plan.grammar is not None
+        grammar = llama_cpp.llama_sampler_init_grammar(self._model.vocab,
+                                                       self.plan.grammar.encode(), b"root")
+        if not grammar:
+            self.free()
+            raise InvalidRequest("invalid 'grammar': llama.cpp could not parse it",
+                                 param="grammar")
+        return grammar
+
+    def _watch(self, token: int) -> None:
+        """While a lazy grammar waits: once the generated text matches a trigger, start the
+        grammar on the text from the trigger (its first group, else the match) on. Each
+        token of that text is checked before the grammar takes it; if the model already
+        wrote something the grammar refuses, the grammar is given up (the output is then
+        parsed as it is) rather than fed text it cannot take."""
+        self._generated += self._model.token_to_piece(token, special=True).decode(
+            "utf-8", "replace")
+        for trigger in self._triggers:
+            match = trigger.search(self._generated)
+            if match is None:
+                continue
+            start = match.start(1) if match.re.groups and match.start(1) >= 0 else match.start()
+            self._triggers = []
+            grammar = self._new_grammar()
+            for piece in self._model.tokenize(self._generated[start:], add_special=False,
+                                              parse_special=True):
+                self._grammar = grammar
+                if not self._allowed(np.array([piece], dtype=np.int32))[0]:
+                    llama_cpp.llama_sampler_free(grammar)
+                    self._grammar = None
+                    return
+                llama_cpp.llama_sampler_accept(grammar, piece)
+            return
 
     @staticmethod
     def _build(step: SamplerStep, model: LoadedModel) -> Any:
@@ -150,7 +178,10 @@ class Sampler:
         """Sample from the logits of batch position ``index`` and accept the token. Raises
         GrammarDeadEnd when the grammar and the request's bans leave no token."""
         if self._grammar is None:
-            return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+            token = int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+            if self._triggers:
+                self._watch(token)
+            return token
         token = self._sample_constrained(ctx, index)
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(self._chain, token)
