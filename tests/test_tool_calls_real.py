@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import httpx
 import jsonschema
+import numpy as np
 import openai
 import pytest
 from pydantic import BaseModel
@@ -229,10 +230,14 @@ def test_lazy_grammar_starts_at_its_trigger_or_gives_up_without_crashing(
         params = SamplingParams(temperature=0, grammar_triggers=plan.triggers, grammar=call_grammar(
             plan, compile_json_schema(call_schema(tools, choice, "hermes"))))
         good = Sampler(params, model)
-        for token in model.tokenize("Let me look. <tool_call>\n", add_special=False):
-            assert good._grammar is None
+        tokens = model.tokenize("Let me look. <tool_call>", add_special=False)
+        for token in tokens[:-1]:
             good._watch(token)
+            assert good._grammar is None  # free text before the marker
+        good._watch(tokens[-1])
         assert good._grammar is not None  # constrained from the marker on
+        newline, word = (model.tokenize(t, add_special=False)[0] for t in ("\n", "Hello"))
+        assert list(good._allowed(np.array([newline, word], dtype=np.int32))) == [True, False]
         bad = Sampler(params, model)
         bad._generated = 'Sure <tool_call>{"na'  # no newline after the marker: refused
         bad._watch(model.tokenize("me", add_special=False)[0])
