@@ -239,6 +239,22 @@ def run(
     log_level: Annotated[
         str, typer.Option(envvar="LLMSERVE_LOG_LEVEL", help="debug, info, warning or error.")
     ] = "info",
+    # -- tools and reasoning -----------------------------------------------------------------
+    tool_parser: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_TOOL_PARSER", help="Tool-call format: "
+                                 "hermes, llama3, mistral or generic. Default: detected from "
+                                 "the chat template.", show_default=False)
+    ] = None,
+    chat_template_kwargs: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_CHAT_TEMPLATE_KWARGS", help="JSON object of "
+                                 "extra chat-template variables for every request, e.g. "
+                                 "'{\"enable_thinking\": false}'; a request's own "
+                                 "chat_template_kwargs override it.", show_default=False)
+    ] = None,
+    reasoning_format: Annotated[
+        str, typer.Option(envvar="LLMSERVE_REASONING_FORMAT", help="none (think blocks stay in "
+                          "content), auto or deepseek (split into reasoning_content).")
+    ] = "auto",
     # -- protection and observation ----------------------------------------------------------
     api_key: Annotated[
         list[str] | None, typer.Option("--api-key", envvar="LLMSERVE_API_KEY",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -39,6 +40,8 @@ from llmserve.engine.types import SamplingParams
 from llmserve.errors import ConfigError, InvalidRequest
 from llmserve.gguf_info import SPLIT_PATTERN
 from llmserve.params import checked_sampling
+from llmserve.reasoning import ReasoningFormat
+from llmserve.tool_calls import Format
 from llmserve.units import Duration, parse_endpoint
 
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
@@ -217,6 +220,9 @@ class ServerSection(BaseModel):
     models_dir: Path | None = None
     max_loaded_models: int | None = Field(default=None, ge=1)
     ttl: Duration = None
+    tool_parser: Format | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: ReasoningFormat | None = None
     sampling: SamplingDefaults = Field(default_factory=dict)
 
 
@@ -352,6 +358,24 @@ class Settings(BaseModel):
     # a `replica` label on every /metrics sample, for a fleet scraped by one Prometheus
     instance_name: str | None = Field(default=None, min_length=1, max_length=128)
     webui: bool = True
+    # -- tools and reasoning (issue 11) --
+    tool_parser: Format | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    reasoning_format: ReasoningFormat = "auto"
+
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _kwargs_json(cls, value: object) -> object:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc.msg}") from None
+            if not isinstance(value, dict):
+                raise ValueError("must be a JSON object")
+        return value
 
     @field_validator("api_key")
     @classmethod
@@ -409,7 +433,7 @@ class Settings(BaseModel):
 
 
 _SERVER_KEYS = ("host", "port", "max_queue", "parallel", "models_dir", "max_loaded_models",
-                "ttl")
+                "ttl", "tool_parser", "chat_template_kwargs", "reasoning_format")
 _CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "flash_attn", "chat_template",
                       "rpc", "tensor_split")
 

@@ -29,6 +29,8 @@ non-zero exit. Nothing else maps exceptions to statuses.
     │   ├── ModelFailed                503 model_failed              (its engine died; reloading)
     │   └── ShuttingDown               503 shutting_down
     ├── EngineError                    500 engine_error              (message is sanitised)
+    │   └── InvalidToolCall            500 invalid_tool_call         (a strict tool's call
+    │                                                                 broke its schema)
     ├── ConfigError                    (CLI only) a bad models.toml or --models-dir
     ├── BenchError                     (CLI only) `llmserve bench` could not run its workload
     └── ClientError                    (CLI only) a client command (ask, chat, ps) failed; it
@@ -200,6 +202,13 @@ class EngineError(LlmserveError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class InvalidToolCall(EngineError):
+    """The model called a ``strict: true`` tool with arguments its schema refuses (the grammar
+    cannot express every JSON Schema keyword, e.g. ``pattern`` lookarounds)."""
+
+    code = "invalid_tool_call"
 
 
 class ConfigError(LlmserveError):

@@ -152,10 +152,13 @@ KOBOLD_SAMPLERS: dict[int, str] = {0: "top_k", 2: "top_p", 4: "typ_p", 5: "tempe
 # OpenAI fields whose semantics llmserve does not implement yet: a value that asks for them is
 # refused rather than silently ignored. Remove a name here when its feature lands.
 OPENAI_UNSUPPORTED = (
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logprobs",
-    "top_logprobs", "n", "best_of", "suffix", "chat_template_kwargs", "audio", "modalities",
+    "functions", "function_call", "logprobs",
+    "top_logprobs", "n", "best_of", "suffix", "audio", "modalities",
     "prediction", "web_search_options", "reasoning_effort",
 )
+# Chat-only fields (server/chat_plan.py): refused on /v1/completions.
+OPENAI_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
+                    "reasoning_format")
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,10 @@ def checked_sampling(values: Mapping[str, Any], names: Mapping[str, str] | None 
                 raise _invalid(key, "must be a string", names)
             if value:  # "" = none (SillyTavern sends it)
                 out[key] = value
+        elif key == "grammar_triggers":
+            if not isinstance(value, list | tuple) or not all(isinstance(t, str) for t in value):
+                raise _invalid(key, "must be a list of regular expressions", names)
+            out[key] = tuple(value)
         elif key == "json_schema":
             if not isinstance(value, dict):
                 raise _invalid(key, "must be a JSON object", names)

@@ -17,6 +17,7 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from llmserve.config import ModelSpec
+from llmserve.params import OPENAI_CHAT_ONLY
 from tests.fakes import FakeEngine
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -285,11 +286,12 @@ OFF = [
 OPENAI = [pytest.param(OPENAI_CHAT, id="chat"), pytest.param(OPENAI_COMPLETIONS, id="completions")]
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    *(pytest.param(k, v, id=k) for k, v in UNSUPPORTED),
-    pytest.param("suffix", "end", id="suffix"),
+@pytest.mark.parametrize(("route", "key", "value"), [
+    pytest.param(route.values[0], k, v, id=f"{route.id}-{k}")
+    for route in OPENAI for k, v in [*UNSUPPORTED, ("suffix", "end")]
+    # implemented on chat (tests/test_tool_calls_routes.py)
+    if not (route.values[0] is OPENAI_CHAT and k in OPENAI_CHAT_ONLY)
 ])
-@pytest.mark.parametrize("route", OPENAI)
 def test_unsupported_openai_fields_are_400_naming_them(
     client: TestClient, engine: FakeEngine, route: Route, key: str, value: Any
 ) -> None:

@@ -126,6 +126,7 @@ def test_each_parameter_changes_the_chain(
 def test_every_sampling_field_is_covered() -> None:
     covered = {key for param in CHANGES for key in param.values[0]}
     covered |= {"grammar", "json_schema"}  # test_grammar_* below
+    covered |= {"grammar_triggers"}  # the lazy tool-call grammar: tests/test_tool_calls*.py
     assert covered == {f.name for f in dataclasses.fields(SamplingParams)}
 
 

@@ -53,8 +53,8 @@ def check_can_end(request: GenerationRequest) -> None:
     """Raise GrammarDeadEnd when ``request`` is certain to reach a point where its grammar
     allows only the end of generation, which ``ignore_eos`` bans."""
     sampling = request.sampling
-    if not (sampling.ignore_eos and sampling.grammar) or request.stop:
-        return
+    if not (sampling.ignore_eos and sampling.grammar) or request.stop or sampling.grammar_triggers:
+        return  # a lazy grammar may never start
     longest = max_text_bytes(sampling.grammar)
     if longest is not None and request.max_tokens > longest:
         raise GrammarDeadEnd(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,9 @@ def prepare(params: SamplingParams, model: LoadedModel) -> SamplingParams:
 
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+# samplers that change logits in place and keep every candidate
+_IN_PLACE = frozenset({"logit_bias", "penalties", "dry"})
+_SHORTLIST = 64
 
 
 class Sampler:
@@ -60,16 +64,60 @@ class Sampler:
         self._grammar: Any = None
         for step in self.plan.steps:
             llama_cpp.llama_sampler_chain_add(self._chain, self._build(step, model))
+        self._model = model
+        # A lazy grammar (``grammar_triggers``) waits, unconstrained, for a trigger in the text
+        # generated so far (``_watch``). llama.cpp's own lazy sampler
+        # (llama_sampler_init_grammar_lazy_patterns) is not used: when the token that completes
+        # its trigger carries text the grammar refuses, it throws a C++ exception, which
+        # through ctypes aborts the whole server.
+        self._triggers = [re.compile(t) for t in params.grammar_triggers]
+        self._generated = ""
         if self.plan.grammar is not None:
-            self._grammar = llama_cpp.llama_sampler_init_grammar(
-                model.vocab, self.plan.grammar.encode(), b"root"
-            )
-            if not self._grammar:
-                self.free()
-                raise InvalidRequest("invalid 'grammar': llama.cpp could not parse it",
-                                     param="grammar")
             self._candidates = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
             self._token_ids = np.arange(model.n_vocab, dtype=np.int32)
+            if not self._triggers:
+                self._grammar = self._new_grammar()
+        # The shortcut is exact only when the chain before ``greedy`` changes logits in place
+        # and drops no candidate (no typical/XTC), and the shortlist is smaller than the
+        # vocabulary.
+        self._greedy_shortcut = (self.plan.names[-1:] == ["greedy"]
+                                 and set(self.plan.names) <= _IN_PLACE | {"greedy"}
+                                 and model.n_vocab > _SHORTLIST)
+
+    def _new_grammar(self) -> Any:
+        assert self.plan.grammar is not None
+        grammar = llama_cpp.llama_sampler_init_grammar(self._model.vocab,
+                                                       self.plan.grammar.encode(), b"root")
+        if not grammar:
+            self.free()
+            raise InvalidRequest("invalid 'grammar': llama.cpp could not parse it",
+                                 param="grammar")
+        return grammar
+
+    def _watch(self, token: int) -> None:
+        """While a lazy grammar waits: once the generated text matches a trigger, start the
+        grammar on the text from the trigger (its first group, else the match) on. Each
+        token of that text is checked before the grammar takes it; if the model already
+        wrote something the grammar refuses, the grammar is given up (the output is then
+        parsed as it is) rather than fed text it cannot take."""
+        self._generated += self._model.token_to_piece(token, special=True).decode(
+            "utf-8", "replace")
+        for trigger in self._triggers:
+            match = trigger.search(self._generated)
+            if match is None:
+                continue
+            start = match.start(1) if match.re.groups and match.start(1) >= 0 else match.start()
+            self._triggers = []
+            grammar = self._new_grammar()
+            for piece in self._model.tokenize(self._generated[start:], add_special=False,
+                                              parse_special=True):
+                self._grammar = grammar
+                if not self._allowed(np.array([piece], dtype=np.int32))[0]:
+                    llama_cpp.llama_sampler_free(grammar)
+                    self._grammar = None
+                    return
+                llama_cpp.llama_sampler_accept(grammar, piece)
+            return
 
     @staticmethod
     def _build(step: SamplerStep, model: LoadedModel) -> Any:
@@ -130,7 +178,10 @@ class Sampler:
         """Sample from the logits of batch position ``index`` and accept the token. Raises
         GrammarDeadEnd when the grammar and the request's bans leave no token."""
         if self._grammar is None:
-            return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+            token = int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+            if self._triggers:
+                self._watch(token)
+            return token
         token = self._sample_constrained(ctx, index)
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(self._chain, token)
@@ -140,12 +191,39 @@ class Sampler:
         # common_sampler_sample's rejection sampling: try the chain alone, keep its pick if the
         # grammar allows it, else apply the grammar first and sample again.
         token = self._apply(ctx, index, with_grammar=False)
-        probe = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
-        probe_arr = llama_cpp.llama_token_data_array(probe, 1, -1, False)
-        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(probe_arr))
-        if probe[0].logit != -math.inf:
+        if self._allowed(np.array([token], dtype=np.int32))[0]:
             return token
+        if self._greedy_shortcut:
+            best = self._best_allowed()
+            if best is not None:
+                return best
         return self._apply(ctx, index, with_grammar=True)
+
+    def _allowed(self, tokens: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """Which of ``tokens`` the grammar allows next (it checks each independently)."""
+        probe = np.zeros(len(tokens), dtype=_TOKEN_DATA)
+        probe["id"] = tokens
+        probe["logit"] = 1.0
+        data = probe.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+        arr = llama_cpp.llama_token_data_array(data, len(tokens), -1, False)
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(arr))
+        return probe["logit"] != -math.inf  # type: ignore[no-any-return]
+
+    def _best_allowed(self) -> int | None:
+        """A greedy chain's pick under the grammar without checking the whole vocabulary: the
+        most likely of the top candidates (logits as the chain left them: biased, penalised)
+        that the grammar allows, which is exactly what applying the grammar first and then the
+        chain picks. None when none of them is allowed (then the full check runs). A rejected
+        greedy pick costs a check of ``_SHORTLIST`` tokens instead of every token (49k for
+        SmolLM2): tool-call grammars reject the model's pick often at their fixed text."""
+        logits = self._candidates["logit"]
+        top = np.argpartition(-logits, _SHORTLIST)[:_SHORTLIST]
+        top = top[np.argsort(-logits[top], kind="stable")]
+        top = top[logits[top] != -math.inf]
+        allowed = self._allowed(self._candidates["id"][top])
+        if not allowed.any():
+            return None
+        return int(self._candidates["id"][top[int(np.argmax(allowed))]])
 
     def _apply(self, ctx: Any, index: int, *, with_grammar: bool) -> int:
         logits = llama_cpp.llama_get_logits_ith(ctx, index)

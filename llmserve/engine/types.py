@@ -55,6 +55,9 @@ class SamplingParams:
     # sampler order by llama.cpp name; empty = llama.cpp's default order
     samplers: tuple[str, ...] = ()
     grammar: str | None = None
+    # regexes that start ``grammar`` (a lazy grammar: free text until one matches, from its
+    # first group); empty: the grammar applies from the first token
+    grammar_triggers: tuple[str, ...] = ()
     json_schema: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
 

@@ -78,3 +78,7 @@ class DetokenizeRequest(_Request):
 class ApplyTemplateRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
+    # rendered as /v1/chat/completions would (server/chat_plan.py checks them)
+    tools: Any = None
+    tool_choice: Any = None
+    chat_template_kwargs: Any = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from llmserve.ids import random_hex
-from llmserve.params import OPENAI_UNSUPPORTED, Family, Wire
+from llmserve.params import OPENAI_CHAT_ONLY, OPENAI_UNSUPPORTED, Family, Wire
 from llmserve.protocol.sampling import LlamaCppSampling
 from llmserve.units import Duration
 
@@ -114,7 +114,7 @@ class _Sampling(_Request, LlamaCppSampling):
         "repetition_penalty": "repeat_penalty", "rep_pen": "repeat_penalty",
         "typical": "typical_p",
     }
-    UNSUPPORTED = OPENAI_UNSUPPORTED
+    UNSUPPORTED: ClassVar[Sequence[str]] = OPENAI_UNSUPPORTED
 
     max_completion_tokens: int | None = None
     max_tokens: int | None = None
@@ -130,17 +130,19 @@ class _Sampling(_Request, LlamaCppSampling):
     # ("5m", seconds; negative = forever, 0 = unload after this request).
     ttl: float | None = None
     keep_alive: Duration = None
-    # not implemented (params.OPENAI_UNSUPPORTED): refused unless "off"
+    # chat only (params.OPENAI_CHAT_ONLY; checked by server/chat_plan.py)
     tools: Any = None
     tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    chat_template_kwargs: Any = None
+    reasoning_format: Any = None
+    # not implemented (params.OPENAI_UNSUPPORTED): refused unless "off"
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
     logprobs: Any = None
     top_logprobs: Any = None
     n: Any = None
     best_of: Any = None
-    chat_template_kwargs: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -170,6 +172,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
+    UNSUPPORTED: ClassVar[Sequence[str]] = OPENAI_UNSUPPORTED + OPENAI_CHAT_ONLY
+
     prompt: str | list[str]
     echo: bool = False
     suffix: Any = None

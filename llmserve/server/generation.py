@@ -51,12 +51,15 @@ class Limits:
 async def prepare(
     engine: EngineProtocol, build: Callable[[EngineProtocol], list[int]],
     sampling: SamplingParams,
+    constrain: Callable[[SamplingParams], SamplingParams] | None = None,
 ) -> tuple[list[int], SamplingParams]:
     """Template + tokenise, and check the sampling parameters against the model (grammar,
-    token ids), off the event loop."""
+    token ids), off the event loop. ``constrain`` (after ``build``: what it adds may depend on
+    the rendered prompt, e.g. a tool-call grammar) adjusts the sampling first."""
 
     def work() -> tuple[list[int], SamplingParams]:
-        return build(engine), engine.prepare_sampling(sampling)
+        prompt = build(engine)
+        return prompt, engine.prepare_sampling(constrain(sampling) if constrain else sampling)
 
     return await anyio.to_thread.run_sync(work)
 
@@ -318,6 +321,7 @@ async def start(
     limits: Limits,
     running: RunningGenerations | None = None,
     owner: Owner | None = None,
+    constrain: Callable[[SamplingParams], SamplingParams] | None = None,
 ) -> Generation:
     """Admit (loading ``params.model`` first if needed), prepare and submit. Admission comes
     first (503 before any templating); on any later error the admission place is given back
@@ -330,7 +334,7 @@ async def start(
     try:
         try:
             prompt, sampling = await prepare(engine, build_prompt,
-                                             params.sampling(lease.sampling_defaults))
+                                             params.sampling(lease.sampling_defaults), constrain)
         except InvalidRequest as exc:
             if exc.param is not None and params.wire_name(exc.param) != exc.param:
                 wire = params.wire_name(exc.param)

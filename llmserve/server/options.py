@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from llmserve.config import Settings
 from llmserve.defaults import DEFAULT_MAX_BODY_SIZE, DEFAULT_SHUTDOWN_TIMEOUT
+from llmserve.server.chat_plan import ChatDefaults
 from llmserve.server.ratelimit import RateLimit
 
 
@@ -22,6 +23,7 @@ class ServerOptions:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     instance_name: str | None = None
     webui: bool = True
+    chat: ChatDefaults = field(default_factory=ChatDefaults)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServerOptions:
@@ -38,4 +40,6 @@ class ServerOptions:
             shutdown_timeout=settings.shutdown_timeout,
             instance_name=settings.instance_name,
             webui=settings.webui,
+            chat=ChatDefaults(settings.tool_parser, settings.chat_template_kwargs,
+                              settings.reasoning_format),
         )

@@ -32,6 +32,7 @@ from llmserve.errors import InvalidRequest, ServiceUnavailable
 from llmserve.params import normalise
 from llmserve.protocol import llamacpp as lc
 from llmserve.server import sse
+from llmserve.server.chat_plan import ChatPlan
 from llmserve.server.errors import error_payload
 from llmserve.server.generation import (
     Collected,
@@ -239,9 +240,10 @@ async def detokenize(request: Request) -> JSONResponse:
 
 async def apply_template(request: Request) -> JSONResponse:
     req = await parse(request, lc.ApplyTemplateRequest)
-    messages = messages_for_template(req.messages)
-    prompt = await borrowed(AppState.of(request).host, lambda e: e.format_chat(messages),
-                            req.model)
+    state = AppState.of(request)
+    plan = ChatPlan(messages_for_template(req.messages), state.options.chat, tools=req.tools,
+                    tool_choice=req.tool_choice, chat_template_kwargs=req.chat_template_kwargs)
+    prompt = await borrowed(state.host, plan.render, req.model)
     return JSONResponse({"prompt": prompt})
 
 
