@@ -4,6 +4,8 @@ library (Ollama's API) and by plain HTTP for LM Studio's v0 completions."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +20,7 @@ pytestmark = [pytest.mark.real, pytest.mark.timeout(600)]
 SAY = [{"role": "user", "content": "Say hello in one short sentence."}]
 GREEDY_8 = {"temperature": 0, "num_predict": 8, "seed": 1}
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +119,35 @@ def test_lmstudio_v0_stats_streamed_and_not(real_server: ServerProcess) -> None:
     assert last["model_info"]["context_length"] == 2048
     streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
     assert streamed == whole["choices"][0]["message"]["content"]
+
+
+def get_weather(city: str) -> str:
+    """Get the current weather in a city.
+
+    Args:
+      city: the city's name
+    """
+    return "22C"
+
+
+def test_a_tool_loop_through_the_ollama_library(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """The library's own tool plumbing (a Python function as a tool, an assistant message with
+    a call, a tool result naming its function) against a tool-capable template."""
+    server = start_server("--threads", "1", "--chat-template",
+                          str(FIXTURES / "hermes_tools.jinja"))
+    client = ollama.Client(host=server.url, timeout=300)
+    ask = {"role": "user", "content": "What is the weather in Paris?"}
+    call = ollama.Message(role="assistant", content="", tool_calls=[ollama.Message.ToolCall(
+        function=ollama.Message.ToolCall.Function(name="get_weather",
+                                                  arguments={"city": "Paris"}))])
+    result = {"role": "tool", "content": "22C", "tool_name": "get_weather"}
+    answer = client.chat(model=MODEL, messages=[ask, call, result], tools=[get_weather],
+                         options={"temperature": 0, "num_predict": 16})
+    assert answer.done and answer.message.role == "assistant"
+    assert answer.message.content or answer.message.tool_calls
+    # the call and its result were rendered into the prompt (the template writes both)
+    alone = client.chat(model=MODEL, messages=[ask], tools=[get_weather],
+                        options={"temperature": 0, "num_predict": 1})
+    assert answer.prompt_eval_count > alone.prompt_eval_count + 10

@@ -228,9 +228,10 @@ def test_bad_options_are_400s_naming_the_option(client: TestClient, engine: Fake
 
 
 @pytest.mark.parametrize(("body", "says"), [
-    ({"think": True}, "'think'"),
-    ({"think": "high"}, "'think'"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "'tools'"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}, "'tools"),
+    ({"messages": [{"role": "tool", "content": "22C"}]}, "messages[0]"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]},
+     "messages[0].tool_calls[0]"),
     ({"logprobs": True}, "'logprobs'"),
     ({"messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, "images"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
@@ -256,6 +257,81 @@ def test_think_false_turns_a_templates_thinking_off(client: TestClient,
     assert post_chat(client, think=False).status_code == 200
     assert post_chat(client).status_code == 200
     assert seen == [{"enable_thinking": False}, {}]
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]},
+}}
+GENERIC_CALL = ('{"tool_calls": [', '{"name": "get_', 'weather", "argu', 'ments": {"ci',
+                'ty": "Paris"}}', "]}")
+THINKING = ("<thi", "nk>Let me", " think.</th", "ink>\n\nHi", "!")
+
+
+def roomy(make_app: Callable[..., Starlette], *tokens: str) -> tuple[TestClient, FakeEngine]:
+    engine = FakeEngine(n_ctx=4096, script=Script(tokens=tokens))  # the tool prompt is long
+    return TestClient(make_app(engine), raise_server_exceptions=False), engine
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_come_back_whole_with_arguments_as_an_object(
+    make_app: Callable[..., Starlette], stream: bool,
+) -> None:
+    client, _ = roomy(make_app, *GENERIC_CALL)
+    r = post_chat(client, tools=[WEATHER], stream=stream,
+                  messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert r.status_code == 200, r.text
+    objects = lines(r) if stream else [r.json()]
+    calls = [c for o in objects for c in o["message"].get("tool_calls", [])]
+    assert calls == [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    assert "".join(o["message"]["content"] for o in objects) == ""
+    assert objects[-1]["done"] is True and objects[-1]["done_reason"] == "stop"
+
+
+def test_a_tool_loop_renders_calls_and_results_for_the_template(
+    make_app: Callable[..., Starlette],
+) -> None:
+    client, engine = roomy(make_app, "It", " is", " 22C.")
+    seen: list[list[dict[str, Any]]] = []
+    fmt = engine.format_chat
+
+    def format_chat(messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        seen.append(messages)
+        return fmt(messages)
+
+    engine.format_chat = format_chat  # type: ignore[method-assign]
+    r = post_chat(client, tools=[WEATHER], messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "22C", "tool_name": "get_weather"},
+    ])
+    assert r.status_code == 200, r.text
+    assert r.json()["message"]["content"] == "It is 22C."
+    call, result = seen[0][-2], seen[0][-1]
+    assert call["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert result["tool_call_id"] == call["tool_calls"][0]["id"]
+    assert result["content"] == "22C"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_think_true_returns_the_thinking_apart(make_app: Callable[..., Starlette],
+                                               stream: bool) -> None:
+    client, _ = roomy(make_app, *THINKING)
+    r = post_chat(client, think=True, stream=stream)
+    assert r.status_code == 200, r.text
+    objects = lines(r) if stream else [r.json()]
+    assert "".join(o["message"].get("thinking", "") for o in objects) == "Let me think."
+    assert "".join(o["message"]["content"] for o in objects) == "Hi!"
+    r = client.post("/api/generate", json={"model": "m", "prompt": "Hi", "think": "high",
+                                           "stream": stream})
+    objects = lines(r) if stream else [r.json()]
+    assert "".join(o.get("thinking", "") for o in objects) == "Let me think."
+    assert "".join(o["response"] for o in objects) == "Hi!"
+    # without think the text stays as the model wrote it, as Ollama does
+    r = post_chat(client)
+    assert r.json()["message"]["content"] == "".join(THINKING)
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -15,6 +15,7 @@ reading the prompt), ``eval_duration`` the rest.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -24,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from llmserve.engine.types import EngineProtocol, Finish, TokenEvent
+from llmserve.chat_output import Answer, ChatOutput, Reasoning
+from llmserve.engine.types import EngineProtocol, Finish, SamplingParams, TokenEvent
 from llmserve.errors import (
     InvalidRequest,
     ModelLoadError,
@@ -35,8 +37,10 @@ from llmserve.errors import (
 from llmserve.gguf_info import ArraySummary
 from llmserve.params import Params, normalise
 from llmserve.protocol import ollama as ol
+from llmserve.reasoning import ReasoningFormat, ReasoningSplitter
 from llmserve.registry import KEEP, ModelHost
-from llmserve.server import sse
+from llmserve.server import chat_plan, sse
+from llmserve.server.chat_plan import ChatPlan
 from llmserve.server.errors import error_payload, ollama_errors
 from llmserve.server.generation import (
     Generation,
@@ -55,6 +59,7 @@ from llmserve.server.routes.models import (
     views,
 )
 from llmserve.server.state import AppState
+from llmserve.tool_calls import Content
 
 # The Ollama API level answered here (docs/api.md with think, structured outputs and
 # /api/ps's context_length); clients compare it to enable features.
@@ -84,17 +89,21 @@ def _loaded(host: ModelHost, model_id: str) -> bool:
 
 
 def _thinking_kwargs(req: ol.ChatRequest | ol.GenerateRequest) -> dict[str, Any]:
-    """The chat template's arguments for ``think``. false turns a reasoning template's
-    thinking off; true (or a level) needs the reasoning output split from the answer, which
-    this server does not do yet."""
+    """The chat template's arguments for ``think``: false turns a reasoning template's thinking
+    off, true turns it on, a level also reaches templates that take one (gpt-oss's
+    ``reasoning_effort``)."""
     if req.think is None:
         return {}
     if req.think is False:
         return {"enable_thinking": False}
-    raise UnsupportedParameter(
-        f"'think': {req.think!r} is not supported by this server yet (it cannot return the "
-        "model's reasoning apart from its answer); send think: false or leave it out",
-        param="think")
+    level = {"reasoning_effort": req.think} if isinstance(req.think, str) else {}
+    return {"enable_thinking": True, **level}
+
+
+def _reasoning(req: ol.ChatRequest | ol.GenerateRequest) -> ReasoningFormat:
+    """As Ollama: the thinking comes apart from the answer (``thinking``) only when asked for
+    with ``think``; otherwise it stays in the text."""
+    return "none" if req.think is None or req.think is False else "deepseek"
 
 
 @dataclasses.dataclass
@@ -122,13 +131,15 @@ class _Run:
 async def _start(
     request: Request, req: ol.ChatRequest | ol.GenerateRequest,
     build: Callable[[EngineProtocol], list[int]], t0: float,
+    constrain: Callable[[SamplingParams], SamplingParams] | None = None,
 ) -> tuple[Generation, _Run]:
     state = AppState.of(request)
     params: Params = normalise(req.wire())
     model_id = _resolve(state.host, req.model)
     was_loaded = _loaded(state.host, model_id)
     gen = await start(state.host, build, dataclasses.replace(params, model=model_id),
-                      limits=state.limits, running=state.running, owner=Owner.of(request))
+                      limits=state.limits, running=state.running, owner=Owner.of(request),
+                      constrain=constrain)
     load_ns = 0 if was_loaded else int(gen.lease.engine.info.load_seconds * NS)
     return gen, _Run(req.model, t0, load_ns)
 
@@ -182,45 +193,133 @@ async def _answer(
     return sse.NdjsonStreamResponse(body, on_close=gen.close)
 
 
+async def _parsed_answer(
+    request: Request, gen: Generation, run: _Run, stream: bool, plan: ChatPlan,
+    output: ChatOutput, field: str,
+) -> Response:
+    """An answer parsed as it grows (``think``, ``tools``): the thinking goes to ``thinking``,
+    the text to ``field`` (a message's ``content`` or ``response``), tool calls as whole
+    objects (Ollama sends each call complete, with its arguments as an object)."""
+    shape = _message if field == "message" else _response
+    if not stream:
+        result = await collect_or_abandon(request, gen)
+        if result is None:
+            return Response(status_code=499)
+        answer = chat_plan.collect(plan, output, result.text)
+        return JSONResponse({"model": run.model, "created_at": _now(),
+                             **shape(answer.content or "", answer.reasoning, _calls(answer)),
+                             **run.final(result.finish)})
+
+    def lines(pieces: list[Any]) -> bytes | None:
+        thinking = "".join(p.text for p in pieces if isinstance(p, Reasoning))
+        text = "".join(p.text for p in pieces if isinstance(p, Content))
+        if not thinking and not text:
+            return None
+        return sse.ndjson_line({"model": run.model, "created_at": _now(),
+                                **shape(text, thinking or None, []), "done": False})
+
+    def token(ev: TokenEvent) -> bytes | None:
+        return lines(output.feed(ev.text)) if ev.text else None
+
+    def finish(f: Finish) -> Iterable[bytes]:
+        last = lines(output.finish())
+        if last is not None:
+            yield last
+        answer = output.answer()
+        plan.check(answer)
+        yield sse.ndjson_line({"model": run.model, "created_at": _now(),
+                               **shape("", None, _calls(answer)), **run.final(f)})
+
+    body = relay(gen, token, finish, lambda exc: sse.ndjson_line(error_payload(exc, "ollama")))
+    return sse.NdjsonStreamResponse(body, on_close=gen.close)
+
+
+def _calls(answer: Answer) -> list[dict[str, Any]]:
+    out = []
+    for call in answer.calls:
+        try:
+            arguments = json.loads(call.arguments)
+        except ValueError:  # as the model wrote it
+            arguments = call.arguments
+        out.append({"function": {"name": call.name, "arguments": arguments}})
+    return out
+
+
 # -- generation ------------------------------------------------------------------------------
 
 
 def chat_messages(messages: list[ol.Message]) -> list[dict[str, Any]]:
-    """Ollama messages as the chat template sees them (text only)."""
+    """Ollama messages as the chat template sees them, in OpenAI's vocabulary: an assistant's
+    tool calls get ids, and each ``role: tool`` message answers the earliest call still open
+    (of the function it names in ``tool_name``, when it names one), as Ollama pairs them."""
     out: list[dict[str, Any]] = []
+    open_calls: list[tuple[str, str]] = []  # (id, function name)
     for i, m in enumerate(messages):
         if m.images:
             raise InvalidRequest(f"invalid 'messages[{i}].images': images are not supported: "
                                  "this server runs text-only models", param=f"messages[{i}].images")
+        message: dict[str, Any] = {"role": m.role, "content": m.content or ""}
         if m.tool_calls:
-            raise UnsupportedParameter(f"'messages[{i}].tool_calls' is not supported by this "
-                                       "server yet", param=f"messages[{i}].tool_calls")
-        out.append({"role": m.role, "content": m.content or ""})
+            message["tool_calls"] = [_openai_call(i, j, call)
+                                     for j, call in enumerate(m.tool_calls)]
+            open_calls += [(c["id"], c["function"]["name"]) for c in message["tool_calls"]]
+        if m.role == "tool":
+            match = next((c for c in open_calls if m.tool_name in (None, c[1])), None)
+            if match is None:
+                raise InvalidRequest(
+                    f"invalid 'messages[{i}]': a tool result with no earlier tool call "
+                    + (f"to {m.tool_name!r} " if m.tool_name else "") + "to answer",
+                    param=f"messages[{i}]")
+            open_calls.remove(match)
+            message["tool_call_id"] = match[0]
+            if m.tool_name:
+                message["name"] = m.tool_name
+        out.append(message)
     return out
+
+
+def _openai_call(i: int, j: int, call: Any) -> dict[str, Any]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequest(f"invalid 'messages[{i}].tool_calls[{j}]': expected "
+                             '{"function": {"name": ..., "arguments": {...}}}',
+                             param=f"messages[{i}].tool_calls[{j}]")
+    arguments = fn.get("arguments", {})
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+    return {"id": f"call_{i}_{j}", "type": "function",
+            "function": {"name": fn["name"], "arguments": arguments}}
 
 
 @ollama_errors
 async def chat(request: Request) -> Response:
     t0 = time.perf_counter()
     req = await parse(request, ol.ChatRequest)
-    if req.tools:
-        raise UnsupportedParameter("'tools' is not supported by this server yet; leave it out",
-                                   param="tools")
-    template_kwargs = _thinking_kwargs(req)
     if not req.messages:
-        return await _load_or_unload(request, req, {"message": _message("")})
-    messages = chat_messages(req.messages)
+        return await _load_or_unload(request, req, _message(""))
+    plan = ChatPlan(chat_messages(req.messages), AppState.of(request).options.chat,
+                    tools=req.tools, chat_template_kwargs=_thinking_kwargs(req),
+                    reasoning=_reasoning(req))
+    gen, run = await _start(request, req, plan.build, t0, plan.constrain)
+    output = plan.output()
+    if output.active:
+        return await _parsed_answer(request, gen, run, req.stream, plan, output, "message")
+    return await _answer(request, gen, run, req.stream, _message, lambda _finish, _tokens: {})
 
-    def build(engine: EngineProtocol) -> list[int]:
-        return engine.tokenize(engine.format_chat(messages, **template_kwargs), add_special=True)
 
-    gen, run = await _start(request, req, build, t0)
-    return await _answer(request, gen, run, req.stream, lambda text: {"message": _message(text)},
-                         lambda _finish, _tokens: {})
+def _message(text: str, thinking: str | None = None,
+             calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if thinking:
+        message["thinking"] = thinking
+    if calls:
+        message["tool_calls"] = calls
+    return {"message": message}
 
 
-def _message(text: str) -> dict[str, Any]:
-    return {"role": "assistant", "content": text}
+def _response(text: str, thinking: str | None = None,
+              _calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"response": text, **({"thinking": thinking} if thinking else {})}
 
 
 @ollama_errors
@@ -243,16 +342,24 @@ async def generate(request: Request) -> Response:
         {"role": "user", "content": req.prompt}]
     context = list(req.context or [])
 
+    splitter = ReasoningSplitter(False)
+
     def build(engine: EngineProtocol) -> list[int]:
+        nonlocal splitter
         if context:
             try:
                 engine.detokenize(context)  # refuses ids outside the vocabulary
             except InvalidRequest as exc:
                 raise InvalidRequest(f"invalid 'context': {exc.message}", param="context") from None
         text = req.prompt if req.raw else engine.format_chat(messages, **template_kwargs)
+        splitter = ReasoningSplitter.plan(_reasoning(req), engine.info.chat_template or "", text)
         return context + engine.tokenize(text, add_special=not context)
 
     gen, run = await _start(request, req, build, t0)
+    if splitter.enabled:  # think: the thinking apart, in ``thinking``
+        plan = ChatPlan(messages, AppState.of(request).options.chat)
+        return await _parsed_answer(request, gen, run, req.stream, plan,
+                                    ChatOutput(splitter, None), "response")
     prompt = gen.prompt_tokens
 
     def final(_finish: Finish, tokens: list[int]) -> dict[str, Any]:
