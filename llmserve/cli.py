@@ -84,6 +84,7 @@ def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
             cache_type_k=spec.cache_type_k, cache_type_v=spec.cache_type_v,
             rope_scaling=spec.rope_scaling, rope_freq_base=spec.rope_freq_base,
             rope_freq_scale=spec.rope_freq_scale,
+            lora=[(adapter.path, adapter.scale) for adapter in spec.lora],
         )
 
     if quiet or not err.is_terminal:
@@ -175,6 +176,13 @@ def run(
                                  "(a file path or the template text) to use instead of the "
                                  "GGUF's own.", show_default=False)
     ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option("--lora", envvar="LLMSERVE_LORA", help="A LoRA adapter "
+                                       "GGUF for the model loaded at start, as PATH or "
+                                       "PATH:SCALE (global scale, default 1; repeatable). Each "
+                                       "is proven in a child process before it is used.",
+                                       show_default=False)
+    ] = None,
     max_queue: Annotated[
         int, typer.Option(envvar="LLMSERVE_MAX_QUEUE", help="Requests that may wait for a "
                           "slot; beyond that the server answers 503 server_busy at once.")
@@ -253,7 +261,7 @@ def run(
 def _normalised(values: dict[str, Any]) -> dict[str, Any]:
     """Repeatable flags given no value arrive as None; Settings wants lists."""
     return {**values, "api_key": values.get("api_key") or [],
-            "cors_origin": values.get("cors_origin") or []}
+            "cors_origin": values.get("cors_origin") or [], "lora": values.get("lora") or []}
 
 
 def _settings(ctx: typer.Context, values: dict[str, Any]) -> Settings:
@@ -308,6 +316,9 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
 
     specs = list(settings.models)
     first = _first_model(settings, specs)
+    if settings.lora:
+        index = specs.index(first)
+        first = specs[index] = first.model_copy(update={"lora": settings.lora})
     started = time.monotonic()
     try:
         read_gguf(first.path)

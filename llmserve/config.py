@@ -149,6 +149,26 @@ def _sampling_defaults(value: object) -> dict[str, Any]:
 SamplingDefaults = Annotated[dict[str, Any], BeforeValidator(_sampling_defaults)]
 
 
+class LoraSpec(BaseModel):
+    """A LoRA adapter loaded with its base model: ``--lora PATH[:SCALE]`` or a models.toml
+    ``lora = [{path, scale}]`` entry."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """``PATH[:SCALE]``; the scale defaults to 1 (a path may hold colons)."""
+        head, sep, tail = text.rpartition(":")
+        if sep:
+            try:
+                return cls(path=Path(head).expanduser(), scale=float(tail))
+            except ValueError:
+                pass
+        return cls(path=Path(text).expanduser())
+
+
 class ModelOptions(BaseModel):
     """How one model is loaded. Every field may come from a [models.<id>] table or, for all
     models at once, from a CLI flag / LLMSERVE_* variable."""
@@ -164,6 +184,7 @@ class ModelOptions(BaseModel):
     rope_scaling: Literal["none", "linear", "yarn"] | None = None
     rope_freq_base: float | None = Field(default=None, gt=0)
     rope_freq_scale: float | None = Field(default=None, gt=0)
+    lora: list[LoraSpec] = Field(default_factory=list)
 
 
 class ModelSpec(ModelOptions):
@@ -227,6 +248,8 @@ def load_config(path: str | os.PathLike[str]) -> tuple[ConfigFile, set[str], dic
         server.api_keys_file = (base / server.api_keys_file.expanduser()).resolve()
     for table in config.models.values():
         table.path = (base / table.path.expanduser()).resolve()
+        for adapter in table.lora:
+            adapter.path = (base / adapter.path.expanduser()).resolve()
         template = table.chat_template
         if template is not None and "{" not in template and (base / template).is_file():
             table.chat_template = str((base / template).resolve())
@@ -301,6 +324,8 @@ class Settings(BaseModel):
     models_dir: Path | None = None
     max_loaded_models: int = Field(default=DEFAULT_MAX_LOADED_MODELS, ge=1)
     ttl: Duration = None
+    # --lora PATH[:SCALE]: adapters for the model loaded at start
+    lora: list[LoraSpec] = Field(default_factory=list)
     api_key_file: Path | None = None
     sampling: SamplingDefaults = Field(default_factory=dict)
     # Known models from --config and --models-dir (the command line's own model is added by
@@ -316,6 +341,13 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_flags(cls, values: object) -> object:
+        if isinstance(values, list):
+            return [LoraSpec.parse(v) if isinstance(v, str) else v for v in values]
+        return values
 
     @field_validator("api_key")
     @classmethod

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import InvalidRequest, UnsupportedParameter
@@ -40,7 +40,8 @@ Family = Literal["openai", "llamacpp", "kobold", "native"]
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 # besides SamplingParams': KoboldAI's sampler ids, and the seed API's greedy switch
-VOCABULARY = SAMPLING_FIELDS | {"n_predict", "stop", "n_probs", "sampler_order", "do_sample"}
+VOCABULARY = SAMPLING_FIELDS | {"n_predict", "stop", "n_probs", "sampler_order", "do_sample",
+                                "lora"}
 
 INT32_MAX = 2**31 - 1  # llama.cpp's int32_t parameters
 
@@ -151,6 +152,15 @@ OPENAI_UNSUPPORTED = (
 )
 
 
+class LoraScale(BaseModel):
+    """One entry of a request's ``lora`` list (llama-server's): an adapter id from GET
+    /lora-adapters and its scale for this request; adapters not listed get 0."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: int = Field(ge=0)
+    scale: float = Field(allow_inf_nan=False)
+
+
 @dataclass(frozen=True)
 class Wire:
     """A request's generation parameters in the vocabulary: only what the client set (null is
@@ -219,6 +229,8 @@ class Params:
     model: str | None = None
     keep_alive: float | Literal["model"] | None = "model"
     names: Mapping[str, str] = field(default_factory=dict)
+    # the request's LoRA scales as (adapter id, scale); None: the model's global scales
+    lora: tuple[tuple[int, float], ...] | None = None
 
     @property
     def cap_to_context(self) -> bool:
@@ -276,6 +288,7 @@ def normalise(wire: Wire) -> Params:
         model=wire.model or None,
         keep_alive=wire.keep_alive,
         names=names,
+        lora=None if "lora" not in values else tuple((e.id, e.scale) for e in values["lora"]),
     )
 
 

@@ -64,23 +64,12 @@ def prove_adapter(base: Path, adapter: Path, *, n_gpu_layers: int) -> None:
             name = f"signal {-done.returncode}"
         raise ModelLoadError(
             f"LoRA adapter {adapter} crashed llama.cpp ({name}) in a test decode, so it was not "
-            "loaded (adapters with F32 tensors are known to crash llama-cpp-python 0.3.36 on "
-            "the CPU; convert it with --outtype f16)", param="lora")
+            "loaded (llama.cpp loads adapters with integer tensors and then crashes on them; "
+            "F16 adapters work)", param="lora")
     # the child's last line is its one-line reason (see lora_probe)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     reason = lines[-1] if lines else f"exit code {done.returncode}"
     raise ModelLoadError(f"LoRA adapter {adapter}: {reason}", param="lora")
-
-
-def parse_lora_arg(text: str) -> tuple[Path, float]:
-    """``--lora PATH[:SCALE]`` → (path, scale); the scale defaults to 1."""
-    head, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return Path(head).expanduser(), float(tail)
-        except ValueError:
-            pass
-    return Path(text).expanduser(), 1.0
 
 
 @dataclass
@@ -134,14 +123,6 @@ class LoraTable:
                 known = ", ".join(str(k) for k in self._entries) or "none"
                 raise InvalidRequest(f"no LoRA adapter with id {i} is loaded (loaded: {known})",
                                      param="lora")
-
-    def find(self, path: str) -> int:
-        resolved = str(Path(path).expanduser().resolve())
-        with self._lock:
-            for i, entry in self._entries.items():
-                if entry.path == resolved:
-                    return i
-        raise InvalidRequest(f"no LoRA adapter loaded from {path}", param="path")
 
     # -- the worker thread (or before it starts) -----------------------------------------------
 
