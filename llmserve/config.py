@@ -11,6 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -210,7 +211,18 @@ class ServerSection(BaseModel):
     sampling: SamplingDefaults = Field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WhisperSpec:
+    """A speech-to-text model: a CTranslate2 Whisper folder (``--whisper-model DIR`` or a
+    models.toml table with ``kind = "whisper"``), served by llmserve/audio/."""
+
+    id: str
+    path: Path
+
+
 class _ModelTable(ModelOptions):
+    # "whisper": a CTranslate2 Whisper folder for /v1/audio/* (the other options do not apply)
+    kind: Literal["chat", "whisper"] = "chat"
     path: Path
     aliases: list[str] = Field(default_factory=list)
     ttl: Duration = None
@@ -326,6 +338,9 @@ class Settings(BaseModel):
     ttl: Duration = None
     # --lora PATH[:SCALE]: adapters for the model loaded at start
     lora: list[LoraSpec] = Field(default_factory=list)
+    whisper_model: Path | None = None
+    # speech-to-text models: --whisper-model and the config's kind = "whisper" tables
+    whisper_models: list[WhisperSpec] = Field(default_factory=list)
     api_key_file: Path | None = None
     sampling: SamplingDefaults = Field(default_factory=dict)
     # Known models from --config and --models-dir (the command line's own model is added by
@@ -427,8 +442,15 @@ def resolve_settings(values: Mapping[str, Any], explicit: set[str]) -> Settings:
     settings = Settings.model_validate(merged)
     overrides = {k: merged[k] for k in _CLI_MODEL_OPTIONS if k in explicit}
     specs: list[ModelSpec] = []
+    whisper: list[WhisperSpec] = []
+    if settings.whisper_model is not None:
+        folder = settings.whisper_model.expanduser().resolve()
+        whisper.append(WhisperSpec(folder.name, folder))
     if config is not None:
         for model_id, table in config.models.items():
+            if table.kind == "whisper":
+                whisper.append(WhisperSpec(model_id, table.path))
+                continue
             keys = model_keys[model_id]
             options = {k: getattr(table, k) for k in ModelOptions.model_fields if k in keys}
             specs.append(ModelSpec(
@@ -445,6 +467,7 @@ def resolve_settings(values: Mapping[str, Any], explicit: set[str]) -> Settings:
                 specs.append(settings.spec_for_path(path, model_id))
     _check_unique(specs, values.get("config"))
     settings.models = specs
+    settings.whisper_models = whisper
     return settings
 
 

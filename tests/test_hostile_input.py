@@ -61,7 +61,12 @@ CASES = [
     Case("/models/load", {"model": "fake-model"}, "model"),
     Case("/v1/models/unload", {"model": "fake-model"}, "model"),
     Case("/models/unload", {"model": "fake-model"}, "model"),
+    Case("/lora-adapters", {"adapters": [{"id": 0, "scale": 1.0}]}, "adapters"),
+    Case("/v1/lora/load", {"path": "adapter.gguf"}, "path"),
+    Case("/v1/lora/unload", {"path": "adapter.gguf"}, "path"),
 ]
+# POST routes whose body is not JSON (OpenAI's multipart audio upload)
+NOT_JSON = {"/v1/audio/transcriptions", "/v1/audio/translations"}
 
 
 def _with_lone_surrogate(case: Case) -> tuple[dict[str, Any], str]:
@@ -121,7 +126,7 @@ def test_the_cases_cover_every_route_that_reads_a_body(
 ) -> None:
     app = make_app(engine)
     posts = {r.path for r in app.routes if isinstance(r, Route) and "POST" in (r.methods or ())}
-    assert posts == {c.path for c in CASES}
+    assert posts - NOT_JSON == {c.path for c in CASES}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
