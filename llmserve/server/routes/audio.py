@@ -41,9 +41,10 @@ async def _speech(request: Request, task: Literal["transcribe", "translate"]) ->
                                  param="file")
         audio = await upload.read()
         fields: dict[str, object] = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        granularities = form.getlist("timestamp_granularities[]")
+        granularities = [*form.getlist("timestamp_granularities[]"),
+                         *form.getlist("timestamp_granularities")]
     if granularities:
-        fields["timestamp_granularities[]"] = granularities
+        fields["timestamp_granularities"] = granularities
     req = validate(TranscriptionForm, fields)
     if not audio:
         raise InvalidRequest("the audio file is empty", param="file")
