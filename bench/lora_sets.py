@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmserve.config import demo_model_path  # noqa: E402
-from llmserve.engine.engine import Engine  # noqa: E402
-from llmserve.engine.types import GenerationRequest, SamplingParams  # noqa: E402
-from tests.lora_adapter import write_lora  # noqa: E402
+from llmserve.config import demo_model_path
+from llmserve.engine.engine import Engine
+from llmserve.engine.types import GenerationRequest, SamplingParams
+from tests.lora_adapter import write_lora
 
 
 async def _one(engine: Engine, prompt: list[int], tokens: int,

@@ -19,7 +19,8 @@ import pytest
 from tests.conftest import ServerProcess
 from tests.lora_adapter import write_lora
 
-pytestmark = pytest.mark.real
+# Each test makes several generations (and adapter proofs) on a CPU other jobs share.
+pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 
 PROMPT = [{"role": "user", "content": "Name three colors."}]
 
@@ -49,7 +50,7 @@ def lora_server(start_server: Callable[..., ServerProcess],
 
 
 def chat(server: ServerProcess, lora: list[dict[str, float]] | None = None) -> str:
-    body: dict[str, object] = {"messages": PROMPT, "temperature": 0, "max_tokens": 12}
+    body: dict[str, object] = {"messages": PROMPT, "temperature": 0, "max_tokens": 10}
     if lora is not None:
         body["lora"] = lora
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
@@ -84,14 +85,24 @@ def test_scale_0_is_the_base_model_and_1_changes_it(
     assert chat(lora_server) == base
 
 
+def test_a_global_scale_of_1_at_start_is_the_adapters_output(
+        start_server: Callable[..., ServerProcess], lora_server: ServerProcess,
+        adapters: dict[str, Path]) -> None:
+    at_1 = start_server("--lora", f"{adapters['a']}:1.0")
+    try:
+        assert chat(at_1) == chat(lora_server, [{"id": 0, "scale": 1.0}])
+    finally:
+        at_1.stop()
+
+
 def test_different_adapters_complete_side_by_side(lora_server: ServerProcess) -> None:
     sets: list[list[dict[str, float]]] = [[{"id": 0, "scale": 1.0}], [{"id": 1, "scale": 1.0}],
                                           []]
     alone = [chat(lora_server, s) for s in sets]
     assert len(set(alone)) == 3  # each set gives its own answer
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        together = list(pool.map(lambda s: chat(lora_server, s), sets * 2))
-    assert together == alone * 2
+        together = list(pool.map(lambda s: chat(lora_server, s), sets))
+    assert together == alone
 
 
 @pytest.mark.parametrize("name", ["corrupt", "qwen", "int8"])
