@@ -6,6 +6,7 @@ with a 400 while the server keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import subprocess
 import sys
@@ -16,8 +17,14 @@ import httpx
 import numpy as np
 import pytest
 
+from llmserve.engine.types import Finish, GenerationRequest, SamplingParams, TokenEvent
+from llmserve.errors import InvalidRequest
 from tests.conftest import ServerProcess
 from tests.lora_adapter import write_lora
+
+pytest.importorskip("llama_cpp")  # the fast tier's LLMSERVE_TEST_NO_LLAMA=1 mode
+
+from llmserve.engine.engine import Engine
 
 # Each test makes several generations (and adapter proofs) on a CPU other jobs share.
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
@@ -148,3 +155,35 @@ def test_a_crashing_adapter_at_startup_is_refused(demo_model: Path,
         capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1
     assert "crashed llama.cpp (SIGSEGV)" in done.stderr
+
+
+async def test_unloading_an_adapter_in_use_lets_its_generations_finish(
+        demo_model: Path, adapters: dict[str, Path]) -> None:
+    """In process: the adapter leaves the table at once, but the generation running with it
+    finishes with it (its handle is freed only afterwards)."""
+    engine = Engine.load(demo_model, n_ctx=1024, n_parallel=2, lora=[(adapters["a"], 0.0)])
+    try:
+        prompt = engine.tokenize(engine.format_chat(PROMPT))
+
+        async def generate() -> str:
+            stream = engine.submit(GenerationRequest(
+                prompt, 24, SamplingParams(temperature=0.0, ignore_eos=True), lora=((0, 1.0),)))
+            parts = []
+            async for event in stream:
+                if isinstance(event, TokenEvent):
+                    parts.append(event.text)
+                else:
+                    assert isinstance(event, Finish) and event.reason == "length", event
+            return "".join(parts)
+
+        alone = await generate()
+        running = asyncio.ensure_future(generate())
+        while not any(s.is_processing for s in engine.slot_states()):
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.unload_lora, 0)
+        assert engine.lora_adapters() == []
+        assert await running == alone
+        with pytest.raises(InvalidRequest, match="no LoRA adapter with id 0"):
+            engine.submit(GenerationRequest(prompt, 4, lora=((0, 1.0),)))
+    finally:
+        engine.close()

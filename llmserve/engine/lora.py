@@ -167,11 +167,12 @@ class LoraTable:
         if adapters == self._applied:
             return
         with self._lock:
-            handles = [self._entries.get(i) for i, _ in adapters]
-            live = [(h.handle, s) for h, (_, s) in zip(handles, adapters, strict=True) if h]
-        array = (llama_cpp.llama_adapter_lora_p_ctypes * len(live))(*(h for h, _ in live))
-        scales = (ctypes.c_float * len(live))(*(s for _, s in live))
-        rc = llama_cpp.llama_set_adapters_lora(ctx, array, len(live), scales)
+            # an unloaded adapter stays usable by the generations that started with it
+            handles = [self._entries[i].handle if i in self._entries else self._retired[i]
+                       for i, _ in adapters]
+        array = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
+        scales = (ctypes.c_float * len(adapters))(*(s for _, s in adapters))
+        rc = llama_cpp.llama_set_adapters_lora(ctx, array, len(adapters), scales)
         if rc != 0:
             raise RuntimeError(f"llama_set_adapters_lora failed (code {rc})")
         self._applied = adapters

@@ -88,7 +88,7 @@ from llmserve.engine.types import (
     Timings,
     TokenEvent,
 )
-from llmserve.errors import InvalidRequest, LlmserveError, ModelFailed
+from llmserve.errors import LlmserveError, ModelFailed
 
 log = logging.getLogger("llmserve.engine")
 
@@ -349,9 +349,8 @@ class Scheduler:
             adapters = stream.request.lora
             if adapters is None:
                 adapters = self.model.lora.global_set()
-            elif any(i in self.model.lora.retired() for i, _ in adapters):
-                raise InvalidRequest("a LoRA adapter this request names was unloaded",
-                                     param="lora")
+            else:  # checked when submitted; one may have been unloaded since
+                adapters = self.model.lora.request_set(adapters)
             keep = self._claim_prefix(slot, prompt, adapters)
             sampler = Sampler(stream.request.sampling, self.model)
         except LlmserveError as exc:  # the request's fault: its client gets this error
@@ -553,7 +552,9 @@ class Scheduler:
         chosen = sets[self._turn % len(sets)]
         self._turn += 1
         self.model.lora.apply(self.model.ctx, chosen)
-        return [s for s in active if s in groups[chosen]]
+        if len(sets) == 1:
+            return active
+        return [s for s in active if s.job is not None and s.job.adapters == chosen]
 
     def _free_retired_adapters(self) -> None:
         """Free unloaded adapters no running or preempted generation still uses; drop the
