@@ -6,10 +6,11 @@ decode steps (see scheduler.py). A set is an ``AdapterSet``: (adapter id, scale)
 zero scales left out, so "no adapter" and "every adapter at scale 0" are the same set and share
 cached prompt cells.
 
-Proof before use: an adapter with F32 tensors loaded fine into llama-cpp-python 0.3.36 and then
-segfaulted on the first CPU decode in one of our checks (DESIGN.md). A segfault cannot be caught
-in-process, so every adapter first runs in a throwaway child process (``lora_probe``): the base
-model and the adapter loaded, one decode at scale 1. Only when that child exits cleanly does the
+Proof before use: llama-cpp-python 0.3.36 loads some adapters fine and then segfaults on the
+first decode (checked: adapters with I8 or I32 tensors, exit 139 on the CPU; DESIGN.md records
+one with F32 tensors, which do work in our build). A segfault cannot be caught in-process, so
+every adapter first runs in a throwaway child process (``lora_probe``): the base model and the
+adapter loaded, one decode at scale 1. Only when that child exits cleanly does the
 adapter join a serving context; a child that dies by a signal or reports an error becomes a 400
 ``ModelLoadError`` and the serving process never touched the file.
 
