@@ -8,11 +8,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import llama_cpp
+
 from llmserve.engine.lora import LoraTable
 from llmserve.engine.model import LoadedModel
 from llmserve.errors import LlmserveError
-
-import llama_cpp  # isort: skip
 
 
 def main(base: str, adapter: str, n_gpu_layers: str) -> int:
