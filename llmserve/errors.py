@@ -13,7 +13,9 @@ non-zero exit. Nothing else maps exceptions to statuses.
     │   ├── GrammarDeadEnd             400 grammar_dead_end          (the request's constraints
     │   │                                                             leave no token to sample)
     │   ├── UnsupportedParameter       400 unsupported_parameter     (a field not implemented yet)
-    │   └── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
+    │   ├── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
+    │   └── MissingExtra               400 missing_extra             (an optional extra is not
+    │                                                                 installed; names it)
     ├── AuthenticationError            401 invalid_api_key
     ├── ModelNotFound                  404 model_not_found
     ├── RequestTooLarge                413 request_too_large
@@ -113,6 +115,13 @@ class UnsupportedParameter(InvalidRequest):
 
 class ModelLoadError(InvalidRequest):
     code = "model_load_failed"
+
+
+class MissingExtra(InvalidRequest):
+    """A route needs an optional extra that is not installed; the message says which to
+    install (a 400: the request is fine, this server cannot serve it)."""
+
+    code = "missing_extra"
 
 
 class AuthenticationError(LlmserveError):

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import InvalidRequest, UnsupportedParameter
@@ -40,10 +40,10 @@ from llmserve.errors import InvalidRequest, UnsupportedParameter
 Family = Literal["openai", "llamacpp", "kobold", "native", "ollama"]
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-# besides SamplingParams': KoboldAI's sampler ids, the seed API's greedy switch, and the context
-# window a client asks for (Ollama's num_ctx)
+# besides SamplingParams': KoboldAI's sampler ids, the seed API's greedy switch, the context
+# window a client asks for (Ollama's num_ctx) and the request's LoRA scales
 VOCABULARY = SAMPLING_FIELDS | {"n_predict", "stop", "n_probs", "sampler_order", "do_sample",
-                                "n_ctx"}
+                                "n_ctx", "lora"}
 
 INT32_MAX = 2**31 - 1  # llama.cpp's int32_t parameters
 
@@ -161,6 +161,15 @@ OPENAI_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls", "chat_templat
                     "reasoning_format")
 
 
+class LoraScale(BaseModel):
+    """One entry of a request's ``lora`` list (llama-server's): an adapter id from GET
+    /lora-adapters and its scale for this request; adapters not listed get 0."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: int = Field(ge=0)
+    scale: float = Field(allow_inf_nan=False)
+
+
 @dataclass(frozen=True)
 class Wire:
     """A request's generation parameters in the vocabulary: only what the client set (null is
@@ -231,6 +240,8 @@ class Params:
     names: Mapping[str, str] = field(default_factory=dict)
     # the context window the client asked for (at most the model's); None: the model's
     n_ctx: int | None = None
+    # the request's LoRA scales as (adapter id, scale); None: the model's global scales
+    lora: tuple[tuple[int, float], ...] | None = None
 
     @property
     def cap_to_context(self) -> bool:
@@ -290,6 +301,7 @@ def normalise(wire: Wire) -> Params:
         keep_alive=wire.keep_alive,
         names=names,
         n_ctx=n_ctx,
+        lora=None if "lora" not in values else tuple((e.id, e.scale) for e in values["lora"]),
     )
 
 

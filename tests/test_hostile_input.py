@@ -71,7 +71,12 @@ CASES = [
     *(Case(f"/api/{op}", {"model": "m"}, "model", ollama=True)
       for op in ("pull", "push", "create")),
     Case("/api/copy", {"source": "a", "destination": "b"}, "source", ollama=True),
+    Case("/lora-adapters", {"adapters": [{"id": 0, "scale": 1.0}]}, "adapters"),
+    Case("/v1/lora/load", {"path": "adapter.gguf"}, "path"),
+    Case("/v1/lora/unload", {"path": "adapter.gguf"}, "path"),
 ]
+# POST routes whose body is not JSON (OpenAI's multipart audio upload)
+NOT_JSON = {"/v1/audio/transcriptions", "/v1/audio/translations"}
 
 
 def _with_lone_surrogate(case: Case) -> tuple[dict[str, Any], str]:
@@ -134,7 +139,7 @@ def test_the_cases_cover_every_route_that_reads_a_body(
 ) -> None:
     app = make_app(engine)
     posts = {r.path for r in app.routes if isinstance(r, Route) and "POST" in (r.methods or ())}
-    assert posts == {c.path for c in CASES}
+    assert posts - NOT_JSON == {c.path for c in CASES}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -7,16 +7,19 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from llmserve.engine import rpc, sampler
 from llmserve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
 from llmserve.engine.grammar_bound import check_can_end
+from llmserve.engine.lora import prove_adapter
 from llmserve.engine.model import LoadedModel, check_parallel, supports_gpu_offload
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.types import (
     GenerationRequest,
     GenerationStream,
+    LoraAdapter,
     ModelInfo,
     SamplingParams,
     SlotState,
@@ -81,16 +84,21 @@ class Engine:
         rope_freq_scale: float | None = None,
         rpc_servers: Sequence[str] = (),
         tensor_split: Sequence[float] | None = None,
+        lora: Sequence[tuple[Path, float]] = (),
     ) -> Engine:
         """Load a GGUF (blocking). Raises ModelLoadError for anything wrong with the file.
 
         ``n_gpu_layers=None`` offloads every layer when this llama.cpp build can, else none.
         ``flash_attn=None`` lets llama.cpp decide; the rope options override the GGUF's.
+        ``lora``: (path, global scale) of adapters loaded with the model, each proven in a
+        child process first (before the model loads here, so the two never hold it at once).
         """
         if n_gpu_layers is None:
             n_gpu_layers = -1 if supports_gpu_offload() else 0
         if n_ctx > 0:  # else the model's trained context, known once loaded: LoadedModel checks
             check_parallel(n_parallel, n_ctx)
+        for adapter, _scale in lora:
+            prove_adapter(Path(path), adapter, n_gpu_layers=n_gpu_layers)
         started = time.monotonic()
         model = LoadedModel(
             path,
@@ -109,6 +117,8 @@ class Engine:
             tensor_split=tensor_split,
         )
         try:
+            for adapter, scale in lora:
+                model.lora.load(adapter, scale)
             engine = cls(model, model_id or model.path.stem, chat_template)
         except BaseException:
             model.close()
@@ -145,12 +155,31 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         check_can_end(request)  # a grammar that ignore_eos makes a dead end: 400 before a token
+        if request.lora is not None:
+            request = dataclasses.replace(request,
+                                          lora=self.model.lora.request_set(request.lora))
         stream = GenerationStream(request, asyncio.get_running_loop())
         self.scheduler.submit(stream)
         return stream
 
     def slot_states(self) -> list[SlotState]:
         return self.scheduler.slot_states()
+
+    def lora_adapters(self) -> list[LoraAdapter]:
+        return self.model.lora.adapters()
+
+    def set_lora_scales(self, scales: dict[int, float]) -> None:
+        self.model.lora.set_scales(scales)
+
+    def load_lora(self, path: str, scale: float) -> LoraAdapter:
+        adapter = Path(path).expanduser()
+        prove_adapter(self.model.path, adapter, n_gpu_layers=self.model.n_gpu_layers)
+        loaded = self.scheduler.call(lambda: self.model.lora.load(adapter, scale)).result()
+        assert isinstance(loaded, LoraAdapter)
+        return loaded
+
+    def unload_lora(self, adapter_id: int) -> None:
+        self.scheduler.call(lambda: self.model.lora.unload(adapter_id)).result()
 
     @property
     def failure(self) -> BaseException | None:

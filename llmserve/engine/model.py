@@ -20,6 +20,7 @@ from typing import Any
 import llama_cpp
 
 from llmserve.engine import rpc
+from llmserve.engine.lora import LoraTable
 from llmserve.errors import InvalidRequest, ModelLoadError
 
 log = logging.getLogger("llmserve.llama")  # llama.cpp's own log lines
@@ -287,6 +288,7 @@ class LoadedModel:
                 param="model",
             )
         self._model = model
+        self.lora = LoraTable(model)
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))

@@ -44,6 +44,14 @@ Cache-aware admission (the decisions are pure functions in ``placement.py``):
    not a per-position list of cells that a prefix of can be shared).
 3. A prompt is read in whole n_batch chunks while no other slot is generating, and in
    PROMPT_CHUNK_WHILE_GENERATING chunks between other slots' tokens only while they stream.
+
+LoRA adapters (engine/lora.py) apply to the whole context, so a step decodes only slots that run
+with the same adapter set: when the running slots hold several sets, each step takes the next
+set in turn (round robin, sets ordered by their oldest request) and switches the context to it
+before llama_decode. A slot's cached cells are tied to the set they were computed with
+(``Slot.adapters``): a prefix is reused, from its own cache or another slot's, only under the
+same set. Adapters are loaded, unloaded and freed between steps (``call``), never beside a
+decode.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +80,7 @@ from llmserve.engine.placement import (
 )
 from llmserve.engine.sampler import Sampler
 from llmserve.engine.types import (
+    AdapterSet,
     Event,
     Finish,
     FinishReason,
@@ -112,6 +123,8 @@ class _Job:
     # sampled tokens, in order; the last one is ``next_token`` while that waits to be fed
     generated: list[int] = field(default_factory=list)
     next_token: int | None = None
+    # the LoRA adapter set it runs with (fixed when it starts)
+    adapters: AdapterSet = ()
 
 
 @dataclass
@@ -121,6 +134,8 @@ class Slot:
     cached: list[int] = field(default_factory=list)
     job: _Job | None = None
     last_used: float = 0.0
+    # the LoRA adapter set ``cached`` was computed with
+    adapters: AdapterSet = ()
 
 
 class Scheduler:
@@ -151,6 +166,11 @@ class Scheduler:
         self._outbox: list[tuple[GenerationStream, Event]] = []
         self._urgent = False
         self._last_flush = 0.0
+        # work for the worker between steps (adapter loads and unloads), see ``call``
+        self._calls: collections.deque[tuple[Callable[[], object], Future[object]]] = (
+            collections.deque())
+        # round-robin counter over the adapter sets of the running slots
+        self._turn = 0
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
         self._no_abort_cb = llama_cpp.ggml_abort_callback()
         self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
@@ -168,6 +188,17 @@ class Scheduler:
                 raise RuntimeError("scheduler stopped")
             self._pending.append(stream)
             self._cond.notify()
+
+    def call(self, work: Callable[[], object]) -> Future[object]:
+        """Run ``work`` on the worker thread between two decode steps (any thread may call;
+        the future gives its result or exception)."""
+        future: Future[object] = Future()
+        with self._cond:
+            if self.failure is not None or self._stopping:
+                raise ModelFailed(f"{WORKER_DIED}; retry shortly", retry_after=5.0)
+            self._calls.append((work, future))
+            self._cond.notify()
+        return future
 
     def wake(self) -> None:
         with self._cond:
@@ -246,10 +277,18 @@ class Scheduler:
                 with self._cond:
                     if self._stopping:
                         break
+                    calls = list(self._calls)
+                    self._calls.clear()
                     admitted, dropped = self._take_pending()
-                    if not admitted and not dropped and not any(s.job for s in self.slots):
+                    if (not calls and not admitted and not dropped
+                            and not any(s.job for s in self.slots)):
                         self._cond.wait(timeout=0.5)
                         continue
+                for work, future in calls:
+                    try:
+                        future.set_result(work())
+                    except Exception as exc:  # the caller's to handle
+                        future.set_exception(exc)
                 # Outside the lock: building a sampler (a grammar, the prompt history) must not
                 # hold up ``submit`` on the event loop.
                 for item in dropped:
@@ -275,6 +314,11 @@ class Scheduler:
                 self._stopping = True
                 pending = list(self._pending)
                 self._pending.clear()
+                calls = list(self._calls)
+                self._calls.clear()
+            for _work, future in calls:
+                future.set_exception(ModelFailed(f"{WORKER_DIED}; retry shortly",
+                                                 retry_after=5.0))
             reason: FinishReason = "cancelled" if self.failure is None else "error"
             error = None if self.failure is None else WORKER_DIED
             for item in pending:
@@ -336,8 +380,13 @@ class Scheduler:
 
     def _start(self, slot: Slot, stream: GenerationStream) -> None:
         prompt = list(stream.request.prompt_tokens)
-        keep = self._claim_prefix(slot, prompt)
         try:
+            adapters = stream.request.lora
+            if adapters is None:
+                adapters = self.model.lora.global_set()
+            else:  # checked when submitted; one may have been unloaded since
+                adapters = self.model.lora.request_set(adapters)
+            keep = self._claim_prefix(slot, prompt, adapters)
             sampler = Sampler(stream.request.sampling, self.model)
         except LlmserveError as exc:  # the request's fault: its client gets this error
             self._emit(stream, Finish("error", len(prompt), 0, error=exc.message, cause=exc))
@@ -355,12 +404,19 @@ class Scheduler:
             n_cached=keep,
             to_read=prompt,
             n_fed=keep,
+            adapters=adapters,
         )
 
-    def _claim_prefix(self, slot: Slot, tokens: list[int]) -> int:
-        """Make ``slot``'s cache hold the longest prefix of ``tokens`` that any slot holds: its
-        own (trimmed to it), or another slot's cells shared into it; return its length."""
-        donor, shared = longest_prefix(self._donors([slot]), tokens)
+    def _claim_prefix(self, slot: Slot, tokens: list[int], adapters: AdapterSet) -> int:
+        """Make ``slot``'s cache hold the longest prefix of ``tokens`` that any slot holds
+        under ``adapters``: its own (trimmed to it), or another slot's cells shared into it;
+        return its length."""
+        if slot.adapters != adapters:  # cells of another adapter set are no prefix of ours
+            llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+            slot.cached.clear()
+            slot.adapters = adapters
+        donors = [s for s in self._donors([slot]) if s.adapters == adapters]
+        donor, shared = longest_prefix(donors, tokens)
         keep = min(shared, len(tokens) - 1)  # the last token is decoded again for its logits
         if (donor is None or keep <= common_prefix_len(slot.cached, tokens)
                 or keep < MIN_REUSE_FRACTION * len(tokens)):
@@ -389,7 +445,7 @@ class Scheduler:
     def _resume(self, slot: Slot, job: _Job) -> None:
         """A preempted job takes a slot again: it re-reads what it had (its sampler, stop-string
         state and output so far are kept), then samples on from where it stopped."""
-        job.n_fed = self._claim_prefix(slot, job.to_read)
+        job.n_fed = self._claim_prefix(slot, job.to_read, job.adapters)
         slot.job = job
 
     def _preempt(self, slot: Slot) -> None:
@@ -420,7 +476,8 @@ class Scheduler:
 
     def _step(self) -> None:
         self._free_cancelled()
-        active = [s for s in self.slots if s.job]
+        self._free_retired_adapters()
+        active = self._adapter_group([s for s in self.slots if s.job])
         if not active:
             return
 
@@ -516,6 +573,40 @@ class Scheduler:
                 log.exception("sampling failed")
                 if slot.job:
                     self._finish(slot, "error", error=str(exc))
+
+    def _adapter_group(self, active: list[Slot]) -> list[Slot]:
+        """The running slots this step decodes: all of them when they share one adapter set,
+        else those of the next set in turn (the context switched to it)."""
+        groups: dict[AdapterSet, list[Slot]] = {}
+        for slot in sorted(active, key=lambda s: s.job.t_start if s.job else 0.0):
+            assert slot.job is not None
+            groups.setdefault(slot.job.adapters, []).append(slot)
+        if not groups:
+            return []
+        sets = list(groups)
+        chosen = sets[self._turn % len(sets)]
+        self._turn += 1
+        self.model.lora.apply(self.model.ctx, chosen)
+        if len(sets) == 1:
+            return active
+        return [s for s in active if s.job is not None and s.job.adapters == chosen]
+
+    def _free_retired_adapters(self) -> None:
+        """Free unloaded adapters no running or preempted generation still uses; drop the
+        caches computed with them."""
+        retired = self.model.lora.retired()
+        if not retired:
+            return
+        with self._cond:
+            waiting = [item for item in self._pending if isinstance(item, _Job)]
+        jobs = [s.job for s in self.slots if s.job] + waiting
+        in_use = {i for job in jobs for i, _ in job.adapters}
+        for slot in self.slots:
+            if slot.job is None and any(i in retired for i, _ in slot.adapters):
+                llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+                slot.cached.clear()
+                slot.adapters = ()
+        self.model.lora.free_unused(in_use, self.model.ctx)
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch

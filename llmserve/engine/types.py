@@ -16,6 +16,17 @@ from typing import Any, Literal, Protocol
 from llmserve.errors import LlmserveError
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# LoRA adapters a generation runs with: (adapter id, scale) pairs, sorted, no zero scales
+AdapterSet = tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter loaded on a model, as GET /lora-adapters lists it."""
+
+    id: int
+    path: str
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,9 @@ class GenerationRequest:
     # > 0: every TokenEvent carries the token's log-probability and the top ``n_probs``
     # alternatives (softmax of the raw logits, as llama-server's n_probs); 0 costs nothing.
     n_probs: int = 0
+    # the request's own LoRA scales (``lora``), checked by the engine; None: the model's
+    # global scales when the generation starts
+    lora: AdapterSet | None = None
 
 
 @dataclass(frozen=True)
@@ -255,6 +269,22 @@ class EngineProtocol(Protocol):
         ...
 
     def slot_states(self) -> list[SlotState]: ...
+
+    def lora_adapters(self) -> list[LoraAdapter]: ...
+
+    def set_lora_scales(self, scales: dict[int, float]) -> None:
+        """Global scales, llama-server's POST /lora-adapters: unlisted adapters get 0. Raises
+        InvalidRequest for an id that is not loaded."""
+        ...
+
+    def load_lora(self, path: str, scale: float) -> LoraAdapter:
+        """Prove the adapter in a child process, then load it (blocking: call it off the event
+        loop). Raises ModelLoadError (400); the model keeps serving."""
+        ...
+
+    def unload_lora(self, adapter_id: int) -> None:
+        """Remove an adapter (blocking); requests running with it finish first."""
+        ...
 
     @property
     def failure(self) -> BaseException | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmserve.params import WireModel
+from llmserve.params import LoraScale, WireModel
 
 
 class LlamaCppSampling(WireModel):
@@ -44,3 +44,5 @@ class LlamaCppSampling(WireModel):
     # OpenAI's {"token id": bias} or llama.cpp's [[token id, bias | false], ...]
     logit_bias: Any = None
     stop: Any = None
+    # llama-server's per-request LoRA scales
+    lora: list[LoraScale] | None = None

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from llmserve.audio.host import SpeechHost
+from llmserve.defaults import DEFAULT_MAX_QUEUE
 from llmserve.errors import LlmserveError
 from llmserve.registry import ModelHost
 from llmserve.server import metrics
@@ -18,10 +21,12 @@ from llmserve.server.generation import Limits
 from llmserve.server.middleware import Guard, RequestTracking
 from llmserve.server.options import ServerOptions
 from llmserve.server.routes import (
+    audio,
     health,
     kobold,
     llamacpp,
     lmstudio,
+    lora,
     models,
     native,
     ollama,
@@ -38,15 +43,18 @@ _EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateL
 
 
 def create_app(
-    host: ModelHost, *, limits: Limits | None = None, options: ServerOptions | None = None
+    host: ModelHost, *, limits: Limits | None = None, options: ServerOptions | None = None,
+    speech: SpeechHost | None = None,
 ) -> Starlette:
+    """``speech``: the Whisper models; by default the test model when it is installed."""
     options = options or ServerOptions()
+    speech = speech or SpeechHost([], max_queue=DEFAULT_MAX_QUEUE)
     state = AppState(host=host, limits=limits or Limits(), options=options,
                      metrics=metrics.Metrics(host, replica=options.instance_name),
-                     drain=Drain())
+                     drain=Drain(), speech=speech)
     routes = [*health.routes, *models.routes, *openai.routes, *llamacpp.routes, *kobold.routes,
               *native.routes, *system.routes, *metrics.routes, *ollama.routes,
-              *lmstudio.routes]
+              *lmstudio.routes, *lora.routes, *audio.routes]
     if options.webui:
         routes += webui.routes
 
@@ -55,6 +63,7 @@ def create_app(
         host.start()
         yield
         await host.close()
+        await anyio.to_thread.run_sync(speech.close)
 
     middleware = [Middleware(RequestTracking, state=state, routes=routes)]
     if options.cors_origins:

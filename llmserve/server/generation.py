@@ -350,7 +350,7 @@ async def start(
         )
         stream = engine.submit(
             GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens, sampling=sampling,
-                              stop=params.stop, n_probs=params.n_probs)
+                              stop=params.stop, n_probs=params.n_probs, lora=params.lora)
         )
     except BaseException:
         lease.release()

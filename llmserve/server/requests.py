@@ -47,6 +47,16 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 async def read_json_object(request: Request) -> dict[str, object]:
+    data = await read_json(request)
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            f"the request body must be a JSON object, not {type(data).__name__}"
+        )
+    return data
+
+
+async def read_json(request: Request) -> dict[str, object] | list[object]:
+    """A JSON object or array (llama-server's POST /lora-adapters takes an array)."""
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith(_REFUSED_TYPES):
         raise UnsupportedMediaType(
@@ -61,7 +71,7 @@ async def read_json_object(request: Request) -> dict[str, object]:
         raise _too_deep() from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
+    if not isinstance(data, dict | list):
         raise InvalidRequest(
             f"the request body must be a JSON object, not {type(data).__name__}"
         )
@@ -79,7 +89,7 @@ def _too_deep() -> InvalidRequest:
     )
 
 
-def _check_depth(data: dict[str, object]) -> None:
+def _check_depth(data: dict[str, object] | list[object]) -> None:
     """Level by level, without recursion (a deep body must not recurse)."""
     level: list[dict[str, object] | list[object]] = [data]
     for _ in range(MAX_JSON_DEPTH):
@@ -94,7 +104,7 @@ def _check_depth(data: dict[str, object]) -> None:
     raise _too_deep()
 
 
-def _check_surrogates(data: dict[str, object]) -> None:
+def _check_surrogates(data: dict[str, object] | list[object]) -> None:
     """Every key and string, depth first; paths are (parent, key) links, spelled out only for
     the error. Runs after ``_check_depth``, so the stack stays small."""
     stack: list[tuple[dict[str, object] | list[object], _Path]] = [(data, None)]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from llmserve.audio.host import SpeechHost
 from llmserve.registry import ModelHost
 from llmserve.server.generation import Limits, RunningGenerations
 from llmserve.server.options import ServerOptions
@@ -23,6 +24,7 @@ class AppState:
     options: ServerOptions
     metrics: Metrics
     drain: Drain
+    speech: SpeechHost
     running: RunningGenerations = field(default_factory=RunningGenerations)
 
     @staticmethod
