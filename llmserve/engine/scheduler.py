@@ -44,6 +44,12 @@ Cache-aware admission (the decisions are pure functions in ``placement.py``):
    not a per-position list of cells that a prefix of can be shared).
 3. A prompt is read in whole n_batch chunks while no other slot is generating, and in
    PROMPT_CHUNK_WHILE_GENERATING chunks between other slots' tokens only while they stream.
+4. Several choices of one prompt (OpenAI ``n``; ``GenerationStream.forks``) are admitted
+   together, only when a slot is free for each. The first reads the prompt; the slots kept for
+   the others stay free (no other request takes them) until it is read. Then each fork's slot
+   shares the prompt's cells (``llama_memory_seq_cp``) and samples its first token from the
+   same logits (``_fork``): one prompt read, and at temperature 0 the choices start alike. From
+   there they are ordinary slots.
 """
 
 from __future__ import annotations
@@ -221,8 +227,7 @@ class Scheduler:
                     if isinstance(item, _Job):
                         self._end(item, "cancelled")
                     else:
-                        self._emit(item, Finish("cancelled", len(item.request.prompt_tokens),
-                                                0))
+                        self._refuse(item, "cancelled")
                 for slot, item in admitted:
                     if isinstance(item, _Job):
                         self._resume(slot, item)
@@ -246,7 +251,7 @@ class Scheduler:
                 if isinstance(item, _Job):
                     self._end(item, reason, error=error)
                 else:
-                    item.push(Finish(reason, 0, 0, error=error))
+                    self._refuse(item, reason, error=error)
             for slot in self.slots:
                 if slot.job:
                     self._finish(slot, reason, error=error)
@@ -268,9 +273,14 @@ class Scheduler:
         free = [s for s in self.slots if s.job is None]
         used = sum(len(s.cached) for s in self.slots if s.job is not None)
         running = len(self.slots) - len(free)
+        # free slots kept for the forks of prompts still being read (see _fork)
+        kept = sum(len(s.job.stream.forks) for s in self.slots if s.job is not None)
         admitted: list[tuple[Slot, GenerationStream | _Job]] = []
-        while self._pending and free:
+        while self._pending and len(free) > kept:
             item = self._pending[0]
+            forks = len(_stream(item).forks)
+            if len(free) - kept < 1 + forks:
+                break  # its choices start together: waits until a slot is free for each
             tokens = item.to_read if isinstance(item, _Job) else list(item.request.prompt_tokens)
             donors = self._donors(free)
             slot = choose_slot(free, tokens, donors)
@@ -283,6 +293,7 @@ class Scheduler:
             admitted.append((slot, item))
             used += len(tokens)
             running += 1
+            kept += forks
         return admitted, dropped
 
     def _free_cancelled(self) -> bool:
@@ -302,25 +313,55 @@ class Scheduler:
     def _start(self, slot: Slot, stream: GenerationStream) -> None:
         prompt = list(stream.request.prompt_tokens)
         keep = self._claim_prefix(slot, prompt)
+        slot.job = self._new_job(stream, prompt, keep)
+
+    def _new_job(self, stream: GenerationStream, prompt: list[int], n_cached: int
+                 ) -> _Job | None:
+        """A job for ``stream`` whose slot holds the first ``n_cached`` prompt tokens; None
+        (and the stream ended with the error) when its sampler cannot be built."""
         try:
             sampler = Sampler(stream.request.sampling, self.model)
         except LlmserveError as exc:  # the request's fault: its client gets this error
-            self._emit(stream, Finish("error", len(prompt), 0, error=exc.message, cause=exc))
-            return
+            self._refuse(stream, "error", error=exc.message, cause=exc)
+            return None
         except Exception as exc:
             log.exception("could not start a generation")
-            self._emit(stream, Finish("error", len(prompt), 0, error=str(exc)))
-            return
+            self._refuse(stream, "error", error=str(exc))
+            return None
         sampler.accept_history(prompt)
-        slot.job = _Job(
+        return _Job(
             stream=stream,
             prompt=prompt,
             sampler=sampler,
             output=OutputText(stream.request.stop),
-            n_cached=keep,
+            n_cached=n_cached,
             to_read=prompt,
-            n_fed=keep,
+            n_fed=n_cached,
         )
+
+    def _fork(self, slot: Slot, index: int) -> None:
+        """``slot`` has read its prompt: start the choices waiting on it, each on a free slot
+        (_take_pending kept one for each) that shares the prompt's cells, sampling its first
+        token from the same logits (batch position ``index``)."""
+        job = slot.job
+        assert job is not None
+        forks, job.stream.forks = job.stream.forks, ()
+        free = sorted((s for s in self.slots if s.job is None), key=lambda s: s.last_used)
+        for stream in forks:
+            if stream.cancelled or not free:  # no free slot: cannot happen (slots are kept)
+                self._refuse(stream, "cancelled" if stream.cancelled else "error",
+                             error=None if stream.cancelled else "no free slot for this choice")
+                continue
+            target = free.pop(0)
+            llama_cpp.llama_memory_seq_rm(self.model.memory, target.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self.model.memory, slot.seq_id, target.seq_id, 0, -1)
+            target.cached[:] = slot.cached
+            fork = self._new_job(stream, job.prompt, len(job.prompt))
+            if fork is None:
+                continue
+            fork.t_start, fork.t_prompt_done = job.t_start, job.t_prompt_done
+            target.job = fork
+            self._sample_or_end(target, index)
 
     def _claim_prefix(self, slot: Slot, tokens: list[int]) -> int:
         """Make ``slot``'s cache hold the longest prefix of ``tokens`` that any slot holds: its
@@ -471,16 +512,21 @@ class Scheduler:
                 continue
             if not job.t_prompt_done:
                 job.t_prompt_done = now
-            try:
-                self._sample(slot, index)
-            except LlmserveError as exc:  # its constraints left no token: the client's error
-                log.info("generation ended on a client error: %s", exc.message)
-                if slot.job:
-                    self._finish(slot, "error", error=exc.message, cause=exc)
-            except Exception as exc:  # one request's sampler failing must not stop the others
-                log.exception("sampling failed")
-                if slot.job:
-                    self._finish(slot, "error", error=str(exc))
+            if job.stream.forks:
+                self._fork(slot, index)
+            self._sample_or_end(slot, index)
+
+    def _sample_or_end(self, slot: Slot, index: int) -> None:
+        try:
+            self._sample(slot, index)
+        except LlmserveError as exc:  # its constraints left no token: the client's error
+            log.info("generation ended on a client error: %s", exc.message)
+            if slot.job:
+                self._finish(slot, "error", error=exc.message, cause=exc)
+        except Exception as exc:  # one request's sampler failing must not stop the others
+            log.exception("sampling failed")
+            if slot.job:
+                self._finish(slot, "error", error=str(exc))
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
@@ -542,6 +588,9 @@ class Scheduler:
     def _end(self, job: _Job, reason: FinishReason, *, error: str | None = None,
              cause: LlmserveError | None = None) -> None:
         job.sampler.free()
+        for fork in job.stream.forks:  # it ended before its prompt was read: so do they
+            self._refuse(fork, reason, error=error, cause=cause)
+        job.stream.forks = ()
         if reason in ("stop", "length"):
             rest = job.output.flush()
             if rest:
@@ -567,6 +616,14 @@ class Scheduler:
                 cause=cause,
             )
         )
+
+    def _refuse(self, stream: GenerationStream, reason: FinishReason, *,
+                error: str | None = None, cause: LlmserveError | None = None) -> None:
+        """End a stream that never started (and the choices forked from it)."""
+        for item in (stream, *stream.forks):
+            self._emit(item, Finish(reason, len(item.request.prompt_tokens), 0, error=error,
+                                    cause=cause))
+        stream.forks = ()
 
     def _emit(self, stream: GenerationStream, event: Event, *, urgent: bool = True) -> None:
         self._outbox.append((stream, event))

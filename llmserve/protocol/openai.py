@@ -130,15 +130,16 @@ class _Sampling(_Request, LlamaCppSampling):
     # ("5m", seconds; negative = forever, 0 = unload after this request).
     ttl: float | None = None
     keep_alive: Duration = None
+    # chat: true/false with top_logprobs; completions: how many alternatives (params reads both)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    n: Any = None
     # not implemented (params.OPENAI_UNSUPPORTED): refused unless "off"
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     parallel_tool_calls: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    n: Any = None
     best_of: Any = None
     chat_template_kwargs: Any = None
     audio: Any = None
@@ -172,7 +173,8 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
-    suffix: Any = None
+    # fill-in-the-middle: the text after the completion ("" = none)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -223,11 +225,37 @@ class AssistantMessage(BaseModel):
     content: str | None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """A chat choice's ``logprobs``."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A /v1/completions choice's ``logprobs`` (the legacy shape)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -250,7 +278,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -267,7 +295,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
