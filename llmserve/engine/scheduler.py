@@ -45,11 +45,13 @@ Cache-aware admission (the decisions are pure functions in ``placement.py``):
 3. A prompt is read in whole n_batch chunks while no other slot is generating, and in
    PROMPT_CHUNK_WHILE_GENERATING chunks between other slots' tokens only while they stream.
 4. Several choices of one prompt (OpenAI ``n``; ``GenerationStream.forks``) are admitted
-   together, only when a slot is free for each. The first reads the prompt; the slots kept for
-   the others stay free (no other request takes them) until it is read. Then each fork's slot
-   shares the prompt's cells (``llama_memory_seq_cp``) and samples its first token from the
-   same logits (``_fork``): one prompt read, and at temperature 0 the choices start alike. From
-   there they are ordinary slots.
+   together, only when a slot is free for each: the first reads the prompt, and a slot is kept
+   for each other one (``Slot.kept_for``; its old cache is dropped as the prompt read starts,
+   so that no hole it leaves opens among the choices' cells later). Once the prompt is read,
+   each kept slot shares its cells (``llama_memory_seq_cp``) and samples its first token from
+   the same logits (``_fork``): one prompt read, and the choices start alike. From there they
+   are ordinary slots. Greedy choices stay equal while their cells sit in position order (see
+   above): after other requests have left holes in the cache they can part at a near-tie.
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ class Slot:
     cached: list[int] = field(default_factory=list)
     job: _Job | None = None
     last_used: float = 0.0
+    # the request (its first choice's stream) this idle slot is kept for, until its prompt
+    # is read and a choice forks into it (see _fork)
+    kept_for: GenerationStream | None = None
 
 
 class Scheduler:
@@ -270,16 +275,14 @@ class Scheduler:
         dropped = [item for item in self._pending if _stream(item).cancelled]
         for item in dropped:
             self._pending.remove(item)
-        free = [s for s in self.slots if s.job is None]
+        free = [s for s in self.slots if s.job is None and s.kept_for is None]
         used = sum(len(s.cached) for s in self.slots if s.job is not None)
-        running = len(self.slots) - len(free)
-        # free slots kept for the forks of prompts still being read (see _fork)
-        kept = sum(len(s.job.stream.forks) for s in self.slots if s.job is not None)
+        running = sum(1 for s in self.slots if s.job is not None)
         admitted: list[tuple[Slot, GenerationStream | _Job]] = []
-        while self._pending and len(free) > kept:
+        while self._pending and free:
             item = self._pending[0]
             forks = len(_stream(item).forks)
-            if len(free) - kept < 1 + forks:
+            if len(free) < 1 + forks:
                 break  # its choices start together: waits until a slot is free for each
             tokens = item.to_read if isinstance(item, _Job) else list(item.request.prompt_tokens)
             donors = self._donors(free)
@@ -293,7 +296,9 @@ class Scheduler:
             admitted.append((slot, item))
             used += len(tokens)
             running += 1
-            kept += forks
+            for kept in sorted(free, key=lambda s: s.last_used)[:forks]:
+                free.remove(kept)
+                kept.kept_for = _stream(item)
         return admitted, dropped
 
     def _free_cancelled(self) -> bool:
@@ -313,7 +318,21 @@ class Scheduler:
     def _start(self, slot: Slot, stream: GenerationStream) -> None:
         prompt = list(stream.request.prompt_tokens)
         keep = self._claim_prefix(slot, prompt)
+        self._clear_kept(stream)
         slot.job = self._new_job(stream, prompt, keep)
+
+    def _clear_kept(self, stream: GenerationStream) -> None:
+        """Drop the old caches of the slots kept for ``stream``'s forks (after its own prefix
+        is claimed: that may share their cells)."""
+        for slot in self.slots:
+            if slot.kept_for is stream and slot.cached:
+                llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+                slot.cached.clear()
+
+    def _release_kept(self, stream: GenerationStream) -> None:
+        for slot in self.slots:
+            if slot.kept_for is stream:
+                slot.kept_for = None
 
     def _new_job(self, stream: GenerationStream, prompt: list[int], n_cached: int
                  ) -> _Job | None:
@@ -340,19 +359,18 @@ class Scheduler:
         )
 
     def _fork(self, slot: Slot, index: int) -> None:
-        """``slot`` has read its prompt: start the choices waiting on it, each on a free slot
-        (_take_pending kept one for each) that shares the prompt's cells, sampling its first
-        token from the same logits (batch position ``index``)."""
+        """``slot`` has read its prompt: start the choices waiting on it, each on the slot kept
+        for it, sharing the prompt's cells and sampling its first token from the same logits
+        (batch position ``index``)."""
         job = slot.job
         assert job is not None
         forks, job.stream.forks = job.stream.forks, ()
-        free = sorted((s for s in self.slots if s.job is None), key=lambda s: s.last_used)
-        for stream in forks:
-            if stream.cancelled or not free:  # no free slot: cannot happen (slots are kept)
-                self._refuse(stream, "cancelled" if stream.cancelled else "error",
-                             error=None if stream.cancelled else "no free slot for this choice")
+        kept = [s for s in self.slots if s.kept_for is job.stream]
+        self._release_kept(job.stream)
+        for stream, target in zip(forks, kept, strict=True):
+            if stream.cancelled:
+                self._refuse(stream, "cancelled")
                 continue
-            target = free.pop(0)
             llama_cpp.llama_memory_seq_rm(self.model.memory, target.seq_id, -1, -1)
             llama_cpp.llama_memory_seq_cp(self.model.memory, slot.seq_id, target.seq_id, 0, -1)
             target.cached[:] = slot.cached
@@ -396,6 +414,7 @@ class Scheduler:
         """A preempted job takes a slot again: it re-reads what it had (its sampler, stop-string
         state and output so far are kept), then samples on from where it stopped."""
         job.n_fed = self._claim_prefix(slot, job.to_read)
+        self._clear_kept(job.stream)
         slot.job = job
 
     def _preempt(self, slot: Slot) -> None:
@@ -408,6 +427,7 @@ class Scheduler:
             job.to_read = job.prompt + job.generated
             job.next_token = None
         job.n_fed = 0
+        self._release_kept(job.stream)  # taken again when it resumes
         llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
         slot.cached.clear()
         slot.job = None
@@ -588,9 +608,7 @@ class Scheduler:
     def _end(self, job: _Job, reason: FinishReason, *, error: str | None = None,
              cause: LlmserveError | None = None) -> None:
         job.sampler.free()
-        for fork in job.stream.forks:  # it ended before its prompt was read: so do they
-            self._refuse(fork, reason, error=error, cause=cause)
-        job.stream.forks = ()
+        self._refuse_forks(job.stream, reason, error=error, cause=cause)
         if reason in ("stop", "length"):
             rest = job.output.flush()
             if rest:
@@ -620,10 +638,18 @@ class Scheduler:
     def _refuse(self, stream: GenerationStream, reason: FinishReason, *,
                 error: str | None = None, cause: LlmserveError | None = None) -> None:
         """End a stream that never started (and the choices forked from it)."""
-        for item in (stream, *stream.forks):
-            self._emit(item, Finish(reason, len(item.request.prompt_tokens), 0, error=error,
+        self._emit(stream, Finish(reason, len(stream.request.prompt_tokens), 0, error=error,
+                                  cause=cause))
+        self._refuse_forks(stream, reason, error=error, cause=cause)
+
+    def _refuse_forks(self, stream: GenerationStream, reason: FinishReason, *,
+                      error: str | None = None, cause: LlmserveError | None = None) -> None:
+        """``stream`` ended before its prompt was read: so do the choices waiting on it."""
+        for fork in stream.forks:
+            self._emit(fork, Finish(reason, len(fork.request.prompt_tokens), 0, error=error,
                                     cause=cause))
         stream.forks = ()
+        self._release_kept(stream)
 
     def _emit(self, stream: GenerationStream, event: Event, *, urgent: bool = True) -> None:
         self._outbox.append((stream, event))
