@@ -3,8 +3,8 @@ through, checked and resolved into what the engine path needs.
 
 Each wire model in ``protocol/`` (a ``WireModel``) only renames its fields into this module's
 vocabulary — llama.cpp's /completion names (SamplingParams' fields, ``n_predict``, ``stop``,
-``n_probs``) plus ``do_sample`` — and reports what the client set (``Wire``). The rest is decided
-here, once:
+``n_probs``) plus ``do_sample`` and OpenAI's ``logprobs``, ``top_logprobs`` and ``n`` — and
+reports what the client set (``Wire``). The rest is decided here, once:
 
 - bounds: one table (``BOUNDS``) for every number; NaN and ±inf are refused everywhere (Python's
   json reads ``NaN`` and ``Infinity`` tokens, and 1e999 becomes inf);
