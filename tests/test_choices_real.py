@@ -231,3 +231,19 @@ def test_infill_and_suffix_on_a_fim_model(fim_server: ServerProcess) -> None:
                                               max_tokens=4, temperature=0)
     assert done.usage is not None and done.usage.prompt_tokens == len(tokens)
     assert done.choices[0].text == body["content"]
+
+
+def test_openai_logprobs_and_n_probs_are_one_path(three_slots: ServerProcess) -> None:
+    """/v1/completions' logprobs and llama.cpp's /completion n_probs report the same numbers
+    for the same prompt (up to the tiny drift of a cached prompt's last token being re-read)."""
+    prompt = "Once upon a time"
+    openai_lp = sdk(three_slots).completions.create(
+        model="x", prompt=prompt, temperature=0, max_tokens=1, logprobs=3).choices[0].logprobs
+    native = httpx.post(three_slots.url + "/completion", json={
+        "prompt": prompt, "temperature": 0, "n_predict": 1, "n_probs": 3}, timeout=120).json()
+    first = native["completion_probabilities"][0]
+    assert openai_lp is not None and openai_lp.tokens == [first["token"]]
+    assert openai_lp.token_logprobs == [pytest.approx(first["logprob"], abs=0.05)]
+    assert openai_lp.top_logprobs is not None
+    assert openai_lp.top_logprobs[0] == {
+        t["token"]: pytest.approx(t["logprob"], abs=0.05) for t in first["top_logprobs"]}
