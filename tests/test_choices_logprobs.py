@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from llmserve.errors import InvalidRequest
 from llmserve.params import Wire, normalise
 from tests.fakes import FakeEngine
+from tests.test_observability import samples, value
 from tests.test_openai_routes import sse_payloads
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -211,3 +212,17 @@ def test_bad_top_logprobs_is_400_on_the_route(client: TestClient, engine: FakeEn
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "top_logprobs"
     assert engine.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_metrics_count_every_choices_tokens(
+    make_app: Callable[..., Starlette], stream: bool
+) -> None:
+    engine = FakeEngine(parallel=3)
+    with TestClient(make_app(engine), raise_server_exceptions=False) as c:
+        assert c.post("/v1/completions", json={**TEXT, "n": 3, "stream": stream}
+                      ).status_code == 200
+        metrics = c.app.state.llmserve.metrics.exposition().decode()  # type: ignore[attr-defined]
+    m = samples(metrics)
+    assert value(m, "llmserve_completion_tokens_total", model="fake-model") == 12
+    assert value(m, "llmserve_prompt_tokens_total", model="fake-model") == 2  # the prompt once

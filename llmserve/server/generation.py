@@ -408,12 +408,25 @@ async def start(
         running.add(generation, owner or Owner(""))
     observer = generation_observer.get()
     if observer is not None:
-        stream.on_event = lambda event: observer.event(generation, event)
-        for fork in forks:  # their tokens count; the first choice's Finish ends the record
-            fork.on_event = lambda event: (
-                observer.event(generation, event) if isinstance(event, TokenEvent) else None)
+        watch(generation, observer)
         observer.started(generation)
     return generation
+
+
+def watch(generation: Generation, observer: GenerationObserver) -> None:
+    """Show ``observer`` every choice's tokens, and the Finish of the last choice to end."""
+    unfinished = len(generation.streams)
+
+    def seen(event: TokenEvent | Finish) -> None:
+        nonlocal unfinished
+        if isinstance(event, Finish):
+            unfinished -= 1
+            if unfinished:
+                return
+        observer.event(generation, event)
+
+    for stream in generation.streams:
+        stream.on_event = seen
 
 
 def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
