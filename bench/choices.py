@@ -57,6 +57,8 @@ def main() -> None:
                 prompt = history_text(3000 + rep * 10 + i, args.prompt_sentences)
                 run[how] = asyncio.run(measure(url, prompt, how, args.max_tokens))
             runs.append(run)
+            c.note(f"n:4 {run['n']['tokens_per_s']:.1f} tokens/s, separate "
+                   f"{run['separate']['tokens_per_s']:.1f} tokens/s")
     summary = summarise(runs)
     data = {"benchmark": "choices", "run_id": rid, "machine": c.machine(),
             "config": {"model": str(model), "threads": args.threads, "ctx_size": args.ctx_size,
