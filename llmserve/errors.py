@@ -113,6 +113,13 @@ class UnsupportedParameter(InvalidRequest):
     code = "unsupported_parameter"
 
 
+class NoFimTokens(InvalidRequest):
+    """Fill-in-the-middle (``suffix``, /infill) on a model whose vocabulary has no FIM
+    tokens (tokenizer.ggml.fim_pre/suf/mid_token_id)."""
+
+    code = "fim_not_supported"
+
+
 class ModelLoadError(InvalidRequest):
     code = "model_load_failed"
 

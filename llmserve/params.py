@@ -3,9 +3,9 @@ through, checked and resolved into what the engine path needs.
 
 Each wire model in ``protocol/`` (a ``WireModel``) only renames its fields into this module's
 vocabulary — llama.cpp's /completion names (SamplingParams' fields, ``n_predict``, ``stop``,
-``n_probs``) plus ``do_sample`` and ``n_ctx`` (a context window the client asks for, at most the
-loaded one) — and reports what the client set (``Wire``). The rest is decided
-here, once:
+``n_probs``) plus ``do_sample``, ``n_ctx`` (a context window the client asks for, at most the
+loaded one), ``lora`` (the request's adapter scales) and OpenAI's ``logprobs``, ``top_logprobs``
+and ``n`` — and reports what the client set (``Wire``). The rest is decided here, once:
 
 - bounds: one table (``BOUNDS``) for every number; NaN and ±inf are refused everywhere (Python's
   json reads ``NaN`` and ``Infinity`` tokens, and 1e999 becomes inf);
@@ -41,9 +41,10 @@ Family = Literal["openai", "llamacpp", "kobold", "native", "ollama"]
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 # besides SamplingParams': KoboldAI's sampler ids, the seed API's greedy switch, the context
-# window a client asks for (Ollama's num_ctx) and the request's LoRA scales
+# window a client asks for (Ollama's num_ctx), the request's LoRA scales, and OpenAI's logprobs
+# and choices
 VOCABULARY = SAMPLING_FIELDS | {"n_predict", "stop", "n_probs", "sampler_order", "do_sample",
-                                "n_ctx", "lora"}
+                                "n_ctx", "lora", "logprobs", "top_logprobs", "n"}
 
 INT32_MAX = 2**31 - 1  # llama.cpp's int32_t parameters
 
@@ -108,6 +109,9 @@ BOUNDS: dict[str, Bound] = {
     "n_predict": _int(-1),  # 0 and -1 = until the context
     "n_probs": _int(0, 100),
     "n_ctx": _int(1),
+    "top_logprobs": _int(0, 20),  # OpenAI's chat bound
+    "logprobs": _int(0, 20),  # /v1/completions' count (OpenAI's own stops at 5)
+    "n": _int(1),  # and at most the model's --parallel: checked when the engine is known
 }
 
 # The defaults each route family documents, below the model's configured ones.
@@ -152,9 +156,8 @@ KOBOLD_SAMPLERS: dict[int, str] = {0: "top_k", 2: "top_p", 4: "typ_p", 5: "tempe
 # OpenAI fields whose semantics llmserve does not implement yet: a value that asks for them is
 # refused rather than silently ignored. Remove a name here when its feature lands.
 OPENAI_UNSUPPORTED = (
-    "functions", "function_call", "logprobs",
-    "top_logprobs", "n", "best_of", "suffix", "audio", "modalities",
-    "prediction", "web_search_options", "reasoning_effort",
+    "functions", "function_call", "best_of", "audio", "modalities", "prediction",
+    "web_search_options", "reasoning_effort",
 )
 # Chat-only fields (server/chat_plan.py): refused on /v1/completions.
 OPENAI_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
@@ -242,6 +245,11 @@ class Params:
     n_ctx: int | None = None
     # the request's LoRA scales as (adapter id, scale); None: the model's global scales
     lora: tuple[tuple[int, float], ...] | None = None
+    # OpenAI logprobs: how many alternatives to show per token (``n_probs`` covers it); None:
+    # not asked for
+    logprobs: int | None = None
+    # how many choices of the prompt to generate (OpenAI ``n``)
+    n: int = 1
 
     @property
     def cap_to_context(self) -> bool:
@@ -291,6 +299,9 @@ def normalise(wire: Wire) -> Params:
         n_predict = _number("n_predict", n_predict, names)
     n_probs = _number("n_probs", values["n_probs"], names) if "n_probs" in values else 0
     n_ctx = _number("n_ctx", values["n_ctx"], names) if "n_ctx" in values else None
+    logprobs = openai_logprobs(values, names)
+    if logprobs is not None:
+        n_probs = max(n_probs, logprobs, 1)  # 1: the sampled token's own log p is computed too
     return Params(
         family=wire.family,
         client=client,
@@ -302,7 +313,25 @@ def normalise(wire: Wire) -> Params:
         names=names,
         n_ctx=n_ctx,
         lora=None if "lora" not in values else tuple((e.id, e.scale) for e in values["lora"]),
+        logprobs=logprobs,
+        n=_number("n", values["n"], names) if "n" in values else 1,
     )
+
+
+def openai_logprobs(values: Mapping[str, Any], names: Mapping[str, str]) -> int | None:
+    """How many alternatives per token OpenAI's logprobs ask for, None when not asked: chat's
+    ``logprobs: true`` with ``top_logprobs`` (0-20, default 0), or /v1/completions'
+    ``logprobs: N`` (a number: the sampled token plus N alternatives)."""
+    asked = values.get("logprobs")
+    top = values.get("top_logprobs")
+    top = 0 if top is None else _number("top_logprobs", top, names)
+    if asked is None or asked is False:
+        if top:
+            raise _invalid("top_logprobs", "needs logprobs: true", names)
+        return None
+    if asked is True:
+        return int(top)
+    return int(_number("logprobs", asked, names))
 
 
 def checked_sampling(values: Mapping[str, Any], names: Mapping[str, str] | None = None
@@ -488,10 +517,10 @@ def _token_id(key: Any, *, keys_are_text: bool, bad: Any) -> int:
 def refuse_unsupported(sent: Mapping[str, Any]) -> None:
     """An OpenAI field we do not implement, with a value that asks for it → 400
     ``unsupported_parameter``. Values that mean "off" pass: SillyTavern and the openai SDK
-    send some (``n: 1``, ``logprobs: false``, ``tools: []``, ``tool_choice: "none"``; "auto"
-    without tools)."""
+    send some (``best_of: 1``, ``tools: []``, ``tool_choice: "none"``; "auto" without
+    tools)."""
     for name, value in sent.items():
-        if name in ("n", "best_of") and isinstance(value, int) and not isinstance(value, bool) \
+        if name == "best_of" and isinstance(value, int) and not isinstance(value, bool) \
                 and value < 1:
             raise InvalidRequest(f"invalid '{name}': must be at least 1", param=name)
         if not _is_off(name, value, sent):
@@ -504,10 +533,8 @@ def refuse_unsupported(sent: Mapping[str, Any]) -> None:
 def _is_off(name: str, value: Any, sent: Mapping[str, Any]) -> bool:
     if value is False or value == "" or value == [] or value == {}:
         return True
-    if name in ("n", "best_of"):
+    if name == "best_of":
         return value == 1 and not isinstance(value, bool)
-    if name in ("logprobs", "top_logprobs"):
-        return value == 0 and not isinstance(value, bool)
     if name in ("tool_choice", "function_call"):  # "none"/"auto" mean nothing without tools
         tools = sent.get("tools" if name == "tool_choice" else "functions")
         return value in ("none", "auto") and not tools

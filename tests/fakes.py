@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
+from llmserve.engine.fim import FimTokens
 from llmserve.engine.grammar_bound import check_can_end
 from llmserve.engine.sampling import VocabFacts, compile_params
 from llmserve.engine.types import (
@@ -28,6 +29,7 @@ from llmserve.engine.types import (
     SlotState,
     Timings,
     TokenEvent,
+    check_choices,
 )
 from llmserve.errors import InvalidRequest, ModelFailed
 
@@ -58,6 +60,8 @@ class FakeEngine:
     running: list[GenerationRequest] = field(default_factory=list)
     # one entry per token event sent, naming its request (tests wait for output this way)
     emitted: list[GenerationRequest] = field(default_factory=list)
+    # the vocabulary's fill-in-the-middle tokens (None: a model without them, as SmolLM2)
+    fim: FimTokens | None = None
 
     def __post_init__(self) -> None:
         self._sem = threading.Semaphore(self.parallel)
@@ -94,6 +98,12 @@ class FakeEngine:
             raise InvalidRequest("bad token", param="tokens")
         return "".join(chr(t) for t in tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        return chr(token).encode()
+
+    def fim_tokens(self) -> FimTokens | None:
+        return self.fim
+
     def prepare_sampling(self, params: SamplingParams) -> SamplingParams:
         # The real model-free checks (sampler names, token ids, JSON schema); grammar text is
         # only parsed by the real engine. Token ids are characters here.
@@ -107,6 +117,10 @@ class FakeEngine:
         stream = GenerationStream(request, asyncio.get_running_loop())
         threading.Thread(target=self._run, args=(stream, self.script), daemon=True).start()
         return stream
+
+    def submit_choices(self, requests: Sequence[GenerationRequest]) -> list[GenerationStream]:
+        check_choices(requests, self.parallel)
+        return [self.submit(r) for r in requests]
 
     def slot_states(self) -> list[SlotState]:
         busy = list(self.running)

@@ -48,6 +48,7 @@ CASES = [
     Case("/v1/completions", {"prompt": "hi", "max_tokens": 4}, "prompt"),
     Case("/completion", {"prompt": "hi", "n_predict": 4}, "prompt"),
     Case("/completions", {"prompt": "hi", "n_predict": 4}, "prompt"),
+    Case("/infill", {"input_prefix": "hi", "input_suffix": "!", "n_predict": 4}, "input_prefix"),
     Case("/tokenize", {"content": "hi"}, "content"),
     Case("/detokenize", {"tokens": [104, 105]}, "tokens"),
     Case("/apply-template", {"messages": CHAT}, "messages"),

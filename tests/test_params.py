@@ -224,14 +224,13 @@ def test_sequence_breakers(value: Any, expected: tuple[str, ...]) -> None:
 ASKS = [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
     ("functions", [{"name": "f"}]), ("function_call", {"name": "f"}),
-    ("parallel_tool_calls", True), ("logprobs", True), ("top_logprobs", 5), ("n", 2),
-    ("best_of", 3), ("suffix", "end"), ("chat_template_kwargs", {"enable_thinking": False}),
+    ("parallel_tool_calls", True), ("best_of", 3),
+    ("chat_template_kwargs", {"enable_thinking": False}),
     ("modalities", ["text", "audio"]),
 ]
 OFF = [
     ("tools", []), ("tool_choice", "none"), ("tool_choice", "auto"), ("functions", []),
-    ("function_call", "none"), ("parallel_tool_calls", False), ("logprobs", False),
-    ("logprobs", 0), ("top_logprobs", 0), ("n", 1), ("best_of", 1), ("suffix", ""),
+    ("function_call", "none"), ("parallel_tool_calls", False), ("best_of", 1),
     ("chat_template_kwargs", {}), ("modalities", ["text"]),
 ]
 

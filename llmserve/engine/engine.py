@@ -12,6 +12,7 @@ from typing import Any
 
 from llmserve.engine import rpc, sampler
 from llmserve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
+from llmserve.engine.fim import FimTokens
 from llmserve.engine.grammar_bound import check_can_end
 from llmserve.engine.lora import prove_adapter
 from llmserve.engine.model import LoadedModel, check_parallel, supports_gpu_offload
@@ -23,6 +24,7 @@ from llmserve.engine.types import (
     ModelInfo,
     SamplingParams,
     SlotState,
+    check_choices,
 )
 from llmserve.errors import InvalidRequest
 
@@ -150,17 +152,32 @@ class Engine:
             )
         return self.model.detokenize(tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        # special tokens by their text: an alternative "<|im_end|>" must not show as ""
+        return self.model.token_to_piece(token, special=True)
+
     def prepare_sampling(self, params: SamplingParams) -> SamplingParams:
         return sampler.prepare(params, self.model)
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
-        check_can_end(request)  # a grammar that ignore_eos makes a dead end: 400 before a token
-        if request.lora is not None:
-            request = dataclasses.replace(request,
-                                          lora=self.model.lora.request_set(request.lora))
-        stream = GenerationStream(request, asyncio.get_running_loop())
-        self.scheduler.submit(stream)
-        return stream
+        return self.submit_choices([request])[0]
+
+    def submit_choices(self, requests: Sequence[GenerationRequest]) -> list[GenerationStream]:
+        check_choices(requests, self.model.n_parallel)
+        for request in requests:
+            check_can_end(request)  # a grammar that ignore_eos makes a dead end: 400 first
+        # a request's own adapter scales, resolved against the adapters loaded now
+        requests = [r if r.lora is None
+                    else dataclasses.replace(r, lora=self.model.lora.request_set(r.lora))
+                    for r in requests]
+        loop = asyncio.get_running_loop()
+        first, *forks = [GenerationStream(r, loop) for r in requests]
+        first.forks = tuple(forks)
+        self.scheduler.submit(first)
+        return [first, *forks]
+
+    def fim_tokens(self) -> FimTokens | None:
+        return self.model.fim_tokens()
 
     def slot_states(self) -> list[SlotState]:
         return self.scheduler.slot_states()

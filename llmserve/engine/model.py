@@ -20,6 +20,7 @@ from typing import Any
 import llama_cpp
 
 from llmserve.engine import rpc
+from llmserve.engine.fim import FimTokens
 from llmserve.engine.lora import LoraTable
 from llmserve.errors import InvalidRequest, ModelLoadError
 
@@ -438,6 +439,20 @@ class LoadedModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def fim_tokens(self) -> FimTokens | None:
+        """The vocabulary's FIM tokens (from the GGUF's tokenizer.ggml.fim_*_token_id, or
+        recognised by llama.cpp from their text); None without PRE, SUF and MID."""
+        ids = [int(get(self.vocab)) for get in (
+            llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf,
+            llama_cpp.llama_vocab_fim_mid, llama_cpp.llama_vocab_fim_rep,
+            llama_cpp.llama_vocab_fim_sep,
+        )]
+        pre, suf, mid, rep, sep = (i if i >= 0 else None for i in ids)
+        if pre is None or suf is None or mid is None:
+            return None
+        adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab)) and self.bos_id >= 0
+        return FimTokens(pre, suf, mid, rep, sep, self.bos_id if adds_bos else None)
 
     def is_valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab

@@ -44,6 +44,14 @@ Cache-aware admission (the decisions are pure functions in ``placement.py``):
    not a per-position list of cells that a prefix of can be shared).
 3. A prompt is read in whole n_batch chunks while no other slot is generating, and in
    PROMPT_CHUNK_WHILE_GENERATING chunks between other slots' tokens only while they stream.
+4. Several choices of one prompt (OpenAI ``n``; ``GenerationStream.forks``) are admitted
+   together, only when a slot is free for each: the first reads the prompt, and a slot is kept
+   for each other one (``Slot.kept_for``; its old cache is dropped as the prompt read starts,
+   so that no hole it leaves opens among the choices' cells later). Once the prompt is read,
+   each kept slot shares its cells (``llama_memory_seq_cp``) and samples its first token from
+   the same logits (``_fork``): one prompt read, and the choices start alike. From there they
+   are ordinary slots. Greedy choices stay equal while their cells sit in position order (see
+   above): after other requests have left holes in the cache they can part at a near-tie.
 
 LoRA adapters (engine/lora.py) apply to the whole context, so a step decodes only slots that run
 with the same adapter set: when the running slots hold several sets, each step takes the next
@@ -136,6 +144,9 @@ class Slot:
     last_used: float = 0.0
     # the LoRA adapter set ``cached`` was computed with
     adapters: AdapterSet = ()
+    # the request (its first choice's stream) this idle slot is kept for, until its prompt
+    # is read and a choice forks into it (see _fork)
+    kept_for: GenerationStream | None = None
 
 
 class Scheduler:
@@ -295,8 +306,7 @@ class Scheduler:
                     if isinstance(item, _Job):
                         self._end(item, "cancelled")
                     else:
-                        self._emit(item, Finish("cancelled", len(item.request.prompt_tokens),
-                                                0))
+                        self._refuse(item, "cancelled")
                 for slot, item in admitted:
                     if isinstance(item, _Job):
                         self._resume(slot, item)
@@ -325,7 +335,7 @@ class Scheduler:
                 if isinstance(item, _Job):
                     self._end(item, reason, error=error)
                 else:
-                    item.push(Finish(reason, 0, 0, error=error))
+                    self._refuse(item, reason, error=error)
             for slot in self.slots:
                 if slot.job:
                     self._finish(slot, reason, error=error)
@@ -344,12 +354,15 @@ class Scheduler:
         dropped = [item for item in self._pending if _stream(item).cancelled]
         for item in dropped:
             self._pending.remove(item)
-        free = [s for s in self.slots if s.job is None]
+        free = [s for s in self.slots if s.job is None and s.kept_for is None]
         used = sum(len(s.cached) for s in self.slots if s.job is not None)
-        running = len(self.slots) - len(free)
+        running = sum(1 for s in self.slots if s.job is not None)
         admitted: list[tuple[Slot, GenerationStream | _Job]] = []
         while self._pending and free:
             item = self._pending[0]
+            forks = len(_stream(item).forks)
+            if len(free) < 1 + forks:
+                break  # its choices start together: waits until a slot is free for each
             tokens = item.to_read if isinstance(item, _Job) else list(item.request.prompt_tokens)
             donors = self._donors(free)
             slot = choose_slot(free, tokens, donors)
@@ -362,6 +375,9 @@ class Scheduler:
             admitted.append((slot, item))
             used += len(tokens)
             running += 1
+            for kept in sorted(free, key=lambda s: s.last_used)[:forks]:
+                free.remove(kept)
+                kept.kept_for = _stream(item)
         return admitted, dropped
 
     def _free_cancelled(self) -> bool:
@@ -386,26 +402,75 @@ class Scheduler:
                 adapters = self.model.lora.global_set()
             else:  # checked when submitted; one may have been unloaded since
                 adapters = self.model.lora.request_set(adapters)
-            keep = self._claim_prefix(slot, prompt, adapters)
+        except LlmserveError as exc:  # the request's fault: its client gets this error
+            self._refuse(stream, "error", error=exc.message, cause=exc)
+            return
+        keep = self._claim_prefix(slot, prompt, adapters)
+        self._clear_kept(stream)
+        slot.job = self._new_job(stream, prompt, keep, adapters)
+
+    def _clear_kept(self, stream: GenerationStream) -> None:
+        """Drop the old caches of the slots kept for ``stream``'s forks (after its own prefix
+        is claimed: that may share their cells)."""
+        for slot in self.slots:
+            if slot.kept_for is stream and slot.cached:
+                llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
+                slot.cached.clear()
+
+    def _release_kept(self, stream: GenerationStream) -> None:
+        for slot in self.slots:
+            if slot.kept_for is stream:
+                slot.kept_for = None
+
+    def _new_job(self, stream: GenerationStream, prompt: list[int], n_cached: int,
+                 adapters: AdapterSet) -> _Job | None:
+        """A job for ``stream`` whose slot holds the first ``n_cached`` prompt tokens (computed
+        under ``adapters``); None (and the stream ended with the error) when its sampler
+        cannot be built."""
+        try:
             sampler = Sampler(stream.request.sampling, self.model)
         except LlmserveError as exc:  # the request's fault: its client gets this error
-            self._emit(stream, Finish("error", len(prompt), 0, error=exc.message, cause=exc))
-            return
+            self._refuse(stream, "error", error=exc.message, cause=exc)
+            return None
         except Exception as exc:
             log.exception("could not start a generation")
-            self._emit(stream, Finish("error", len(prompt), 0, error=str(exc)))
-            return
+            self._refuse(stream, "error", error=str(exc))
+            return None
         sampler.accept_history(prompt)
-        slot.job = _Job(
+        return _Job(
             stream=stream,
             prompt=prompt,
             sampler=sampler,
             output=OutputText(stream.request.stop),
-            n_cached=keep,
+            n_cached=n_cached,
             to_read=prompt,
-            n_fed=keep,
+            n_fed=n_cached,
             adapters=adapters,
         )
+
+    def _fork(self, slot: Slot, index: int) -> None:
+        """``slot`` has read its prompt: start the choices waiting on it, each on the slot kept
+        for it, sharing the prompt's cells and sampling its first token from the same logits
+        (batch position ``index``)."""
+        job = slot.job
+        assert job is not None
+        forks, job.stream.forks = job.stream.forks, ()
+        kept = [s for s in self.slots if s.kept_for is job.stream]
+        self._release_kept(job.stream)
+        for stream, target in zip(forks, kept, strict=True):
+            if stream.cancelled:
+                self._refuse(stream, "cancelled")
+                continue
+            llama_cpp.llama_memory_seq_rm(self.model.memory, target.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self.model.memory, slot.seq_id, target.seq_id, 0, -1)
+            target.cached[:] = slot.cached
+            target.adapters = slot.adapters
+            fork = self._new_job(stream, job.prompt, len(job.prompt), job.adapters)
+            if fork is None:
+                continue
+            fork.t_start, fork.t_prompt_done = job.t_start, job.t_prompt_done
+            target.job = fork
+            self._sample_or_end(target, index)
 
     def _claim_prefix(self, slot: Slot, tokens: list[int], adapters: AdapterSet) -> int:
         """Make ``slot``'s cache hold the longest prefix of ``tokens`` that any slot holds
@@ -446,6 +511,7 @@ class Scheduler:
         """A preempted job takes a slot again: it re-reads what it had (its sampler, stop-string
         state and output so far are kept), then samples on from where it stopped."""
         job.n_fed = self._claim_prefix(slot, job.to_read, job.adapters)
+        self._clear_kept(job.stream)
         slot.job = job
 
     def _preempt(self, slot: Slot) -> None:
@@ -458,6 +524,7 @@ class Scheduler:
             job.to_read = job.prompt + job.generated
             job.next_token = None
         job.n_fed = 0
+        self._release_kept(job.stream)  # taken again when it resumes
         llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
         slot.cached.clear()
         slot.job = None
@@ -563,16 +630,21 @@ class Scheduler:
                 continue
             if not job.t_prompt_done:
                 job.t_prompt_done = now
-            try:
-                self._sample(slot, index)
-            except LlmserveError as exc:  # its constraints left no token: the client's error
-                log.info("generation ended on a client error: %s", exc.message)
-                if slot.job:
-                    self._finish(slot, "error", error=exc.message, cause=exc)
-            except Exception as exc:  # one request's sampler failing must not stop the others
-                log.exception("sampling failed")
-                if slot.job:
-                    self._finish(slot, "error", error=str(exc))
+            if job.stream.forks:
+                self._fork(slot, index)
+            self._sample_or_end(slot, index)
+
+    def _sample_or_end(self, slot: Slot, index: int) -> None:
+        try:
+            self._sample(slot, index)
+        except LlmserveError as exc:  # its constraints left no token: the client's error
+            log.info("generation ended on a client error: %s", exc.message)
+            if slot.job:
+                self._finish(slot, "error", error=exc.message, cause=exc)
+        except Exception as exc:  # one request's sampler failing must not stop the others
+            log.exception("sampling failed")
+            if slot.job:
+                self._finish(slot, "error", error=str(exc))
 
     def _adapter_group(self, active: list[Slot]) -> list[Slot]:
         """The running slots this step decodes: all of them when they share one adapter set,
@@ -668,6 +740,7 @@ class Scheduler:
     def _end(self, job: _Job, reason: FinishReason, *, error: str | None = None,
              cause: LlmserveError | None = None) -> None:
         job.sampler.free()
+        self._refuse_forks(job.stream, reason, error=error, cause=cause)
         if reason in ("stop", "length"):
             rest = job.output.flush()
             if rest:
@@ -693,6 +766,22 @@ class Scheduler:
                 cause=cause,
             )
         )
+
+    def _refuse(self, stream: GenerationStream, reason: FinishReason, *,
+                error: str | None = None, cause: LlmserveError | None = None) -> None:
+        """End a stream that never started (and the choices forked from it)."""
+        self._emit(stream, Finish(reason, len(stream.request.prompt_tokens), 0, error=error,
+                                  cause=cause))
+        self._refuse_forks(stream, reason, error=error, cause=cause)
+
+    def _refuse_forks(self, stream: GenerationStream, reason: FinishReason, *,
+                      error: str | None = None, cause: LlmserveError | None = None) -> None:
+        """``stream`` ended before its prompt was read: so do the choices waiting on it."""
+        for fork in stream.forks:
+            self._emit(fork, Finish(reason, len(fork.request.prompt_tokens), 0, error=error,
+                                    cause=cause))
+        stream.forks = ()
+        self._release_kept(stream)
 
     def _emit(self, stream: GenerationStream, event: Event, *, urgent: bool = True) -> None:
         self._outbox.append((stream, event))

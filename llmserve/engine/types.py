@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from llmserve.errors import LlmserveError
+from llmserve.engine.fim import FimTokens
+from llmserve.errors import InvalidRequest, LlmserveError
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 # LoRA adapters a generation runs with: (adapter id, scale) pairs, sorted, no zero scales
@@ -96,6 +97,8 @@ class TokenEvent:
     # only when the request asked for n_probs: log p(token) and the top (token id, log p) pairs
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # which of the request's choices (OpenAI ``n``) it belongs to; the server sets it
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,23 @@ class Finish:
     error: str | None = None
     # an error the client should see as it is (a 4xx from the error tree), not as engine_error
     cause: LlmserveError | None = None
+    # which of the request's choices (OpenAI ``n``) it ends; the server sets it
+    choice: int = 0
 
 
 Event = TokenEvent | Finish
+
+
+def check_choices(requests: Sequence[GenerationRequest], n_parallel: int) -> None:
+    """Choices of one prompt (OpenAI ``n``) each need a slot of their own at once, and must
+    share the prompt they fork from. Raises InvalidRequest naming ``n``."""
+    if len(requests) > n_parallel:
+        raise InvalidRequest(
+            f"invalid 'n': {len(requests)} choices need as many slots at once, and this model "
+            f"has {n_parallel} (--parallel); ask for at most {n_parallel}", param="n")
+    if any(r.prompt_tokens != requests[0].prompt_tokens for r in requests):
+        raise InvalidRequest("invalid 'n': every choice must continue the same prompt",
+                             param="n")
 
 
 @dataclass(frozen=True)
@@ -203,6 +220,10 @@ class GenerationStream:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._cancel = threading.Event()
         self.finished = False
+        # The request's other choices (OpenAI ``n`` > 1), submitted with this one: they start
+        # from this stream's prompt once it is read (Scheduler._fork), and end with this one if
+        # it ends before that. The worker empties it when it forks them.
+        self.forks: tuple[GenerationStream, ...] = ()
         # Called on the loop with each event as the consumer takes it (the server's metrics
         # and access log hook in here, whichever route consumes the stream).
         self.on_event: Callable[[Event], None] | None = None
@@ -257,6 +278,11 @@ class EngineProtocol(Protocol):
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes, special tokens by their text (part of a multi-byte character
+        stays partial). Thread-safe."""
+        ...
+
     def prepare_sampling(self, params: SamplingParams) -> SamplingParams:
         """Validate what needs the model (token ids, sampler names, grammar, JSON schema) and
         compile ``json_schema`` into ``grammar``; raises InvalidRequest. Routes call it off the
@@ -266,6 +292,17 @@ class EngineProtocol(Protocol):
     def submit(self, request: GenerationRequest) -> GenerationStream:
         """Queue ``request``. Raises GrammarDeadEnd, before anything is generated, when its
         grammar and ``ignore_eos`` make an end impossible (``grammar_bound.check_can_end``)."""
+        ...
+
+    def submit_choices(self, requests: Sequence[GenerationRequest]) -> list[GenerationStream]:
+        """Queue several choices of one prompt (OpenAI ``n``; the requests differ at most in
+        their sampling): the prompt is read once and its cells shared. One stream per request,
+        in order. Raises as ``submit``, and InvalidRequest when there are more than the model
+        has slots or the prompts differ."""
+        ...
+
+    def fim_tokens(self) -> FimTokens | None:
+        """The vocabulary's fill-in-the-middle tokens; None when it has none."""
         ...
 
     def slot_states(self) -> list[SlotState]: ...

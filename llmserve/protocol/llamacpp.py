@@ -59,6 +59,23 @@ class CompletionRequest(_Request, LlamaCppSampling):
         return v
 
 
+class InfillChunk(_Request):
+    """One of /infill's ``input_extra`` entries: context from another file."""
+
+    text: str
+    filename: str = "tmp"
+
+
+class InfillRequest(CompletionRequest):
+    """POST /infill (llama-server's): fill in between ``input_prefix`` and ``input_suffix``;
+    ``prompt`` is text the middle starts with; ``input_extra`` other files for context."""
+
+    prompt: str = ""
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[InfillChunk] = Field(default_factory=list)
+
+
 class TokenizeRequest(_Request):
     """POST /tokenize. ``add_special`` defaults to true (llama-server: false) so that the count
     is exactly what /completion evaluates for the same text."""

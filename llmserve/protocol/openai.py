@@ -130,6 +130,10 @@ class _Sampling(_Request, LlamaCppSampling):
     # ("5m", seconds; negative = forever, 0 = unload after this request).
     ttl: float | None = None
     keep_alive: Duration = None
+    # chat: true/false with top_logprobs; completions: how many alternatives (params reads both)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    n: Any = None
     # chat only (params.OPENAI_CHAT_ONLY; checked by server/chat_plan.py)
     tools: Any = None
     tool_choice: Any = None
@@ -139,9 +143,6 @@ class _Sampling(_Request, LlamaCppSampling):
     # not implemented (params.OPENAI_UNSUPPORTED): refused unless "off"
     functions: Any = None
     function_call: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    n: Any = None
     best_of: Any = None
     audio: Any = None
     modalities: Any = None
@@ -176,7 +177,8 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list[str]
     echo: bool = False
-    suffix: Any = None
+    # fill-in-the-middle: the text after the completion ("" = none)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -227,11 +229,37 @@ class AssistantMessage(BaseModel):
     content: str | None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """A chat choice's ``logprobs``."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A /v1/completions choice's ``logprobs`` (the legacy shape)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -254,7 +282,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -271,7 +299,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

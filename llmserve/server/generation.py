@@ -11,6 +11,7 @@ the request-tracking middleware sets), which sees every event the route consumes
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 import anyio.to_thread
 from starlette.requests import Request
 
+from llmserve.engine.fim import ExtraFile, infill_prompt
 from llmserve.engine.types import (
     EngineProtocol,
     Finish,
@@ -32,6 +34,7 @@ from llmserve.errors import (
     EngineError,
     InvalidRequest,
     LlmserveError,
+    NoFimTokens,
 )
 from llmserve.params import Params
 from llmserve.protocol import openai as oa
@@ -115,6 +118,26 @@ def messages_for_template(messages: Sequence[oa.ChatMessage]) -> list[dict[str, 
             message["name"] = m.name
         out.append(message)
     return out
+
+
+def fim_prompt_builder(
+    prefix: str, suffix: str, *, prompt: str = "", extra: Sequence[ExtraFile] = (),
+    param: str,
+) -> Callable[[EngineProtocol], list[int]]:
+    """A fill-in-the-middle prompt (``engine.fim.infill_prompt``); a model without FIM tokens
+    is refused (NoFimTokens naming ``param``) before anything is generated."""
+
+    def build(engine: EngineProtocol) -> list[int]:
+        fim = engine.fim_tokens()
+        if fim is None:
+            raise NoFimTokens(
+                f"invalid '{param}': fill-in-the-middle needs a model with FIM tokens, and "
+                f"{engine.info.id} has none in its vocabulary (tokenizer.ggml.fim_pre_token_id, "
+                "fim_suf_token_id, fim_mid_token_id)", param=param)
+        return infill_prompt(fim, lambda text: engine.tokenize(text, add_special=False),
+                             prefix=prefix, suffix=suffix, prompt=prompt, extra=extra)
+
+    return build
 
 
 def model_name(host: ModelHost, requested: str | None) -> str | None:
@@ -278,16 +301,27 @@ class Generation:
     stream: GenerationStream
     prompt_tokens: list[int]
     running: RunningGenerations | None = None
+    # the other choices (OpenAI ``n`` > 1): ``stream`` is choice 0, forks[i] choice i + 1
+    forks: Sequence[GenerationStream] = ()
+
+    @property
+    def streams(self) -> list[GenerationStream]:
+        return [self.stream, *self.forks]
 
     def close(self) -> None:
-        if not self.stream.finished:
-            self.stream.cancel()
+        for stream in self.streams:
+            if not stream.finished:
+                stream.cancel()
         self.lease.release()
         if self.running is not None:
             self.running.discard(self)
 
     def events(self) -> AsyncIterator[TokenEvent | Finish]:
-        return self.stream.__aiter__()
+        """Every choice's events as they come, each marked with its ``choice``; it ends when
+        every choice has finished."""
+        if not self.forks:
+            return self.stream.__aiter__()
+        return merged_choices(self.streams)
 
     def abort(self, cause: LlmserveError) -> None:
         """End the generation now with ``cause`` (the route sees it at its next event). The
@@ -297,7 +331,41 @@ class Generation:
             return
         self.stream.push(Interrupted("error", len(self.prompt_tokens), 0, error=cause.message,
                                      cause=cause))
-        self.stream.cancel()
+        for stream in self.streams:
+            stream.cancel()
+
+
+async def merged_choices(streams: Sequence[GenerationStream]
+                         ) -> AsyncIterator[TokenEvent | Finish]:
+    """The events of several choices' streams in arrival order, each marked with its index."""
+    queue: asyncio.Queue[TokenEvent | Finish] = asyncio.Queue()
+
+    async def pump(index: int, stream: GenerationStream) -> None:
+        async for event in stream:
+            queue.put_nowait(dataclasses.replace(event, choice=index))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            event = await queue.get()
+            left -= isinstance(event, Finish)
+            yield event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect_choices_or_abandon(request: Request, gen: Generation
+                                     ) -> list[Collected] | None:
+    """Every choice's whole generation, in order, or None when the client leaves first (they
+    are cancelled then). Closes ``gen`` either way."""
+    try:
+        return await sse.until_disconnect(
+            request.receive, lambda: asyncio.gather(*(collect(s) for s in gen.streams)))
+    finally:
+        gen.close()
 
 
 class GenerationObserver(Protocol):
@@ -348,21 +416,46 @@ async def start(
             len(prompt), params.max_tokens, context_window(params, engine.info.n_ctx), limits,
             cap_to_context=params.cap_to_context,
         )
-        stream = engine.submit(
-            GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens, sampling=sampling,
-                              stop=params.stop, n_probs=params.n_probs, lora=params.lora)
-        )
+        request = GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens,
+                                    sampling=sampling, stop=params.stop, n_probs=params.n_probs,
+                                    lora=params.lora)
+        stream, *forks = engine.submit_choices(choices(request, params.n))
     except BaseException:
         lease.release()
         raise
-    generation = Generation(lease, stream, prompt, running)
+    generation = Generation(lease, stream, prompt, running, forks)
     if running is not None:
         running.add(generation, owner or Owner(""))
     observer = generation_observer.get()
     if observer is not None:
-        stream.on_event = lambda event: observer.event(generation, event)
+        watch(generation, observer)
         observer.started(generation)
     return generation
+
+
+def watch(generation: Generation, observer: GenerationObserver) -> None:
+    """Show ``observer`` every choice's tokens, and the Finish of the last choice to end."""
+    unfinished = len(generation.streams)
+
+    def seen(event: TokenEvent | Finish) -> None:
+        nonlocal unfinished
+        if isinstance(event, Finish):
+            unfinished -= 1
+            if unfinished:
+                return
+        observer.event(generation, event)
+
+    for stream in generation.streams:
+        stream.on_event = seen
+
+
+def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """``n`` choices of ``request``: with a seed, choice i samples with seed + i, so they
+    differ from each other and each is reproducible (llama-server's swipes do the same)."""
+    seed = request.sampling.seed
+    return [request if seed is None or not i else dataclasses.replace(
+        request, sampling=dataclasses.replace(request.sampling, seed=seed + i))
+        for i in range(n)]
 
 
 async def run_all(works: Sequence[Callable[[], Awaitable[T]]], *, limit: int) -> list[T]:

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmserve import __version__
+from llmserve.engine.fim import ExtraFile
 from llmserve.engine.types import (
     EngineProtocol,
     Finish,
@@ -40,6 +41,7 @@ from llmserve.server.generation import (
     Owner,
     borrowed,
     collect,
+    fim_prompt_builder,
     messages_for_template,
     model_name,
     relay,
@@ -161,12 +163,27 @@ def completion_body(gen: Generation, result: Collected, *, index: int, n_probs: 
 
 
 async def completion(request: Request) -> Response | sse.EventStreamResponse:
-    state = AppState.of(request)
     req = await parse(request, lc.CompletionRequest)
+    return await complete(request, req, prompt_builder(req.prompt))
+
+
+async def infill(request: Request) -> Response | sse.EventStreamResponse:
+    """llama-server's /infill: /completion with a fill-in-the-middle prompt."""
+    req = await parse(request, lc.InfillRequest)
+    extra = [ExtraFile(chunk.text, chunk.filename) for chunk in req.input_extra]
+    return await complete(request, req, fim_prompt_builder(
+        req.input_prefix, req.input_suffix, prompt=req.prompt, extra=extra,
+        param="input_suffix"))
+
+
+async def complete(request: Request, req: lc.CompletionRequest,
+                   build: Callable[[EngineProtocol], list[int]]
+                   ) -> Response | sse.EventStreamResponse:
+    state = AppState.of(request)
     if req.n > 1 and req.stream:
         raise InvalidRequest("n > 1 (several completions) needs stream: false", param="n")
-    params = normalise(req.wire())
-    build = prompt_builder(req.prompt)
+    # swipes are req.n separate generations (they may outnumber the slots), not forked choices
+    params = dataclasses.replace(normalise(req.wire()), n=1)
     owner = Owner.of(request)
 
     async def begin(index: int) -> Generation:
@@ -305,6 +322,7 @@ async def slots(request: Request) -> JSONResponse:
 routes = [
     Route("/completion", completion, methods=["POST"]),
     Route("/completions", completion, methods=["POST"]),
+    Route("/infill", infill, methods=["POST"]),
     Route("/tokenize", tokenize, methods=["POST"]),
     Route("/detokenize", detokenize, methods=["POST"]),
     Route("/apply-template", apply_template, methods=["POST"]),
