@@ -37,7 +37,7 @@ from llmserve.config import (
 from llmserve.errors import LlmserveError
 
 if TYPE_CHECKING:
-    from llmserve.engine.engine import Engine
+    from llmserve.engine.types import EngineProtocol
     from llmserve.server.options import ServerOptions
 
 app = typer.Typer(
@@ -71,11 +71,21 @@ def main_options(
     """llmserve: one command turns a GGUF file into a local OpenAI-compatible endpoint."""
 
 
-def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
-    """Load one model (blocking), with a progress bar on stderr unless ``quiet``."""
+def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> EngineProtocol:
+    """Load one model (blocking), with a progress bar on stderr unless ``quiet``: an embedding
+    model (``spec.serves_embeddings()``) or a generating one."""
     from llmserve.engine.engine import Engine
 
-    def load(progress: Callable[[float], None] | None) -> Engine:
+    def load(progress: Callable[[float], None] | None) -> EngineProtocol:
+        if spec.serves_embeddings():
+            from llmserve.engine.embedder import Embedder
+
+            return Embedder.load(
+                spec.path, model_id=spec.id, n_ctx=spec.ctx_size,
+                n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads, n_parallel=parallel,
+                pooling=spec.pooling, progress=progress,
+                flash_attn=None if spec.flash_attn == "auto" else spec.flash_attn,
+            )
         return Engine.load(
             spec.path, model_id=spec.id, n_ctx=spec.ctx_size, n_gpu_layers=spec.n_gpu_layers,
             n_threads=spec.threads, n_parallel=parallel,
@@ -174,6 +184,17 @@ def run(
         str | None, typer.Option(envvar="LLMSERVE_CHAT_TEMPLATE", help="Jinja chat template "
                                  "(a file path or the template text) to use instead of the "
                                  "GGUF's own.", show_default=False)
+    ] = None,
+    embedding: Annotated[
+        bool, typer.Option("--embedding", envvar="LLMSERVE_EMBEDDING", help="Serve the model(s) "
+                           "for embeddings (/v1/embeddings), not chat. Default: as the GGUF "
+                           "says (a declared pooling, or a BERT-style encoder).")
+    ] = False,
+    pooling: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_POOLING", help="Embedding pooling: none "
+                                 "(per-token vectors), mean, cls, last or rank (a reranker's "
+                                 "score); implies --embedding. Default: the GGUF's.",
+                                 show_default=False)
     ] = None,
     max_queue: Annotated[
         int, typer.Option(envvar="LLMSERVE_MAX_QUEUE", help="Requests that may wait for a "
@@ -317,7 +338,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     logging.getLogger("llmserve.registry").info(
         "loaded %s in %.1f s", first.id, time.monotonic() - started)
 
-    def loader(spec: ModelSpec) -> Engine:
+    def loader(spec: ModelSpec) -> EngineProtocol:
         return load_engine(spec, parallel=settings.parallel, quiet=False)
 
     host = ModelHost(
@@ -381,7 +402,7 @@ def _first_model(settings: Settings, specs: list[ModelSpec]) -> ModelSpec:
     return spec
 
 
-def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
+def _banner(settings: Settings, engine: EngineProtocol, options: ServerOptions) -> None:
     info = engine.info
     url = f"http://{_display_host(settings.host)}:{settings.port}"
     offload = (
@@ -409,11 +430,16 @@ def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
                   "anyone who can reach this port can use the model. Set --api-key or "
                   "LLMSERVE_API_KEY.", highlight=False, soft_wrap=True)
     err.print(f"  url      {url}/v1", highlight=False)
-    err.print(
-        f"  try      curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-        """-d '{"messages":[{"role":"user","content":"Hello!"}]}'""",
-        highlight=False, soft_wrap=True,
-    )
+    if info.embedding is not None:
+        err.print(f"  embeds   {info.embedding.n_embd} dimensions, pooling "
+                  f"{info.embedding.pooling}, inputs up to {info.embedding.max_tokens} tokens")
+        route, body = ("rerank", """{"query":"hi","documents":["hello","bye"]}"""
+                       ) if info.embedding.pooling == "rank" else ("embeddings",
+                                                                   """{"input":"Hello!"}""")
+    else:
+        route, body = "chat/completions", """{"messages":[{"role":"user","content":"Hello!"}]}"""
+    err.print(f"  try      curl {url}/v1/{route} -H 'Content-Type: application/json' -d '{body}'",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -24,9 +24,10 @@ from pydantic import (
     field_validator,
 )
 
+from llmserve.engine.pooling import Pooling, is_embedding_gguf
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import ConfigError, InvalidRequest
-from llmserve.gguf_info import SPLIT_PATTERN
+from llmserve.gguf_info import SPLIT_PATTERN, read_gguf_cached
 from llmserve.params import checked_sampling
 from llmserve.units import Duration
 
@@ -164,6 +165,10 @@ class ModelOptions(BaseModel):
     rope_scaling: Literal["none", "linear", "yarn"] | None = None
     rope_freq_base: float | None = Field(default=None, gt=0)
     rope_freq_scale: float | None = Field(default=None, gt=0)
+    # None: as its GGUF says (a declared pooling or an encoder-only architecture); a pooling
+    # implies an embedding model
+    embedding: bool | None = None
+    pooling: Pooling | None = None
 
 
 class ModelSpec(ModelOptions):
@@ -174,6 +179,15 @@ class ModelSpec(ModelOptions):
     aliases: list[str] = Field(default_factory=list)
     ttl: Duration = None
     sampling: SamplingDefaults = Field(default_factory=dict)
+
+    def serves_embeddings(self) -> bool:
+        """Whether this model loads as an embedding model (reads the GGUF header when the
+        configuration leaves it open)."""
+        if self.embedding is not None:
+            return self.embedding
+        if self.pooling is not None:
+            return True
+        return is_embedding_gguf(read_gguf_cached(self.path).metadata)
 
 
 class ServerSection(BaseModel):
@@ -294,6 +308,8 @@ class Settings(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     flash_attn: FlashAttn = "auto"
     chat_template: str | None = None
+    embedding: bool = False
+    pooling: Pooling | None = None
     parallel: int = Field(default=1, ge=1, le=64)
     max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
     max_tokens_limit: int | None = Field(default=None, ge=1)
@@ -362,7 +378,8 @@ class Settings(BaseModel):
     def model_options(self) -> ModelOptions:
         return ModelOptions(ctx_size=self.ctx_size, n_gpu_layers=self.n_gpu_layers,
                             threads=self.threads, flash_attn=self.flash_attn,
-                            chat_template=self.chat_template)
+                            chat_template=self.chat_template,
+                            embedding=True if self.embedding else None, pooling=self.pooling)
 
     def spec_for_path(self, path: Path, model_id: str | None = None) -> ModelSpec:
         """A model given by its path (command line, POST /v1/models/load): the server-wide
@@ -373,7 +390,8 @@ class Settings(BaseModel):
 
 _SERVER_KEYS = ("host", "port", "max_queue", "parallel", "models_dir", "max_loaded_models",
                 "ttl")
-_CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "flash_attn", "chat_template")
+_CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "flash_attn", "chat_template",
+                      "embedding", "pooling")
 
 
 def resolve_settings(values: Mapping[str, Any], explicit: set[str]) -> Settings:

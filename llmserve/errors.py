@@ -12,6 +12,10 @@ CLI turns them into one line and a non-zero exit. Nothing else maps exceptions t
     │   ├── GrammarDeadEnd             400 grammar_dead_end          (the request's constraints
     │   │                                                             leave no token to sample)
     │   ├── UnsupportedParameter       400 unsupported_parameter     (a field not implemented yet)
+    │   ├── WrongModelKind             400 wrong_model_kind          (chat on an embedding model,
+    │   │                                                             embeddings on a chat model,
+    │   │                                                             rerank without a rank head)
+    │   ├── InputTooLong               400 context_length_exceeded   (an embedding input)
     │   └── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
     ├── AuthenticationError            401 invalid_api_key
     ├── ModelNotFound                  404 model_not_found
@@ -98,6 +102,19 @@ class UnsupportedParameter(InvalidRequest):
     than silently ignored. ``param`` names it."""
 
     code = "unsupported_parameter"
+
+
+class WrongModelKind(InvalidRequest):
+    """The request needs another kind of model than the one it names; the message says which
+    and how to serve one."""
+
+    code = "wrong_model_kind"
+
+
+class InputTooLong(InvalidRequest):
+    """An embedding or rerank input longer than one sequence may be (and no ``truncate``)."""
+
+    code = "context_length_exceeded"
 
 
 class ModelLoadError(InvalidRequest):

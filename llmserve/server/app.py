@@ -17,7 +17,16 @@ from llmserve.server.errors import handle_http_exception, handle_llmserve_error,
 from llmserve.server.generation import Limits
 from llmserve.server.middleware import Guard, RequestTracking
 from llmserve.server.options import ServerOptions
-from llmserve.server.routes import health, kobold, llamacpp, models, native, openai, system
+from llmserve.server.routes import (
+    embeddings,
+    health,
+    kobold,
+    llamacpp,
+    models,
+    native,
+    openai,
+    system,
+)
 from llmserve.server.shutdown import Drain
 from llmserve.server.state import AppState
 
@@ -33,7 +42,7 @@ def create_app(
     state = AppState(host=host, limits=limits or Limits(), options=options,
                      metrics=metrics.Metrics(host), drain=Drain())
     routes = [*health.routes, *models.routes, *openai.routes, *llamacpp.routes, *kobold.routes,
-              *native.routes, *system.routes, *metrics.routes]
+              *native.routes, *system.routes, *metrics.routes, *embeddings.routes]
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
