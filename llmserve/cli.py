@@ -647,6 +647,61 @@ def bench(
         out.print(loadgen.report_table(report))
 
 
+@app.command()
+def embed(
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Texts to embed. Omitted: one text per line of "
+                                         "stdin.", show_default=False)
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_URL", help="Base URL of a running server. "
+                                 "Default: http://127.0.0.1:8080.", show_default=False)
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="A .gguf to load in this process (no server), or the id "
+                                 "of a model on the server.", show_default=False)
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="json: one JSON array per line; npy: one float32 "
+                          "(n, dims) array, binary, on stdout.")
+    ] = "json",
+    pooling: Annotated[
+        str | None, typer.Option(help="With a local .gguf: mean, cls or last. Default: the "
+                                 "GGUF's.", show_default=False)
+    ] = None,
+    ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", min=0,
+                                          help="With a local .gguf: its context.")] = 512,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_API_KEY", help="Bearer key for the server.",
+                                 show_default=False)
+    ] = None,
+) -> None:
+    """Print unit-length embedding vectors, one line per text, from a server or a local GGUF."""
+    from llmserve import embed_client
+
+    if output_format not in ("json", "npy"):
+        fail(f"--format: expected json or npy, got {output_format!r}")
+    if pooling not in (None, "mean", "cls", "last"):
+        fail(f"--pooling: expected mean, cls or last, got {pooling!r}")
+    inputs = list(texts) if texts else [line.rstrip("\r\n") for line in sys.stdin]
+    if not inputs:
+        fail("no texts: give them as arguments or one per line on stdin")
+    local = model is not None and (model.endswith(".gguf") or Path(model).is_file())
+    try:
+        if local:
+            assert model is not None
+            vectors = embed_client.embed_local(Path(model).expanduser(), inputs,
+                                               pooling=pooling,  # type: ignore[arg-type]
+                                               ctx_size=ctx_size)
+        else:
+            vectors = embed_client.embed_remote(embed_client.base_url(url), inputs,
+                                                model=model, api_key=api_key)
+    except LlmserveError as exc:
+        fail(exc.message)
+    embed_client.write(vectors, output_format, sys.stdout.buffer)
+    sys.stdout.flush()
+
+
 def main() -> None:
     try:
         app()

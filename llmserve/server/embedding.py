@@ -40,7 +40,8 @@ def check_not_empty(inputs: Sequence[Input], param: str) -> None:
         raise InvalidRequest(f"'{param}' is empty: give at least one input", param=param)
     for i, item in enumerate(inputs):
         if len(item) == 0:
-            raise InvalidRequest(f"'{param}[{i}]' is empty", param=f"{param}[{i}]")
+            where = f"{param}[{i}]" if len(inputs) > 1 else param
+            raise InvalidRequest(f"'{where}' is empty", param=where)
 
 
 async def _admit(host: ModelHost, params: Params, *, rerank: bool,
