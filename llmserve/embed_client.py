@@ -102,4 +102,4 @@ def write(vectors: np.ndarray, fmt: str, out: IO[bytes]) -> None:
         out.write(buffer.getvalue())
         return
     for row in vectors:
-        out.write(json.dumps(row.tolist()).encode() + b"\n")
+        out.write(json.dumps(row.tolist(), allow_nan=False).encode() + b"\n")

@@ -61,6 +61,14 @@ CASES = [
     Case("/models/load", {"model": "fake-model"}, "model"),
     Case("/v1/models/unload", {"model": "fake-model"}, "model"),
     Case("/models/unload", {"model": "fake-model"}, "model"),
+    Case("/v1/embeddings", {"input": "hi"}, "input"),
+    Case("/embeddings", {"input": "hi"}, "input"),
+    Case("/api/v0/embeddings", {"input": "hi"}, "input"),
+    Case("/embedding", {"content": "hi"}, "content"),
+    Case("/api/embed", {"input": "hi"}, "input"),
+    Case("/api/embeddings", {"prompt": "hi"}, "prompt"),
+    Case("/v1/rerank", {"query": "hi", "documents": ["a"]}, "query"),
+    Case("/rerank", {"query": "hi", "documents": ["a"]}, "query"),
 ]
 
 
