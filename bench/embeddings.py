@@ -96,8 +96,10 @@ def main() -> None:
             for name in order:
                 t0 = time.perf_counter()
                 work[name]()
+                took = time.perf_counter() - t0
+                print(f"  {name}: {took:.2f} s", file=sys.stderr, flush=True)
                 if rep:
-                    seconds[name].append(time.perf_counter() - t0)
+                    seconds[name].append(took)
     rate = {name: args.texts / statistics.median(s) for name, s in seconds.items()}
     base = rate[names[0]]
     rows = [[name, c.fmt(rate[name], 1), c.fmt(rate[name] / base, 2, "×")] for name in names]

@@ -42,7 +42,9 @@ def test_example_config_is_valid() -> None:
     config, server_keys, model_keys = load_config(ROOT / "models.example.toml")
     assert config.server.max_loaded_models == 1
     assert config.server.ttl == 3600.0
-    assert set(config.models) == {"qwen", "smollm"}
+    assert set(config.models) == {"qwen", "smollm", "smollm-embed"}
+    assert config.models["smollm-embed"].embedding is True
+    assert config.models["smollm-embed"].pooling == "mean"
     qwen = config.models["qwen"]
     assert qwen.path == (ROOT / "models/Qwen2.5-7B-Instruct-Q4_K_M.gguf").resolve()
     assert qwen.sampling == {"temperature": 0.6, "top_p": 0.9}

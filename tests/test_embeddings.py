@@ -294,3 +294,15 @@ async def test_queue_full_is_503(make_app: Callable[..., Starlette]) -> None:
         assert (await first).status_code == 200
         # the place is given back
         assert (await client.post("/v1/embeddings", json={"input": "c"})).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/api/v0/models", "/api/ps", "/props",
+                                  "/slots", "/metrics"])
+def test_reads_work_with_an_embedding_model(api: TestClient, path: str) -> None:
+    r = api.get(path)
+    assert r.status_code == 200, r.text
+
+
+def test_lmstudio_lists_an_embedding_model_as_such(api: TestClient) -> None:
+    (card,) = api.get("/api/v0/models").json()["data"]
+    assert card["type"] == "embeddings"
