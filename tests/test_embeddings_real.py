@@ -71,6 +71,26 @@ def test_embedder_batches_equal_one_by_one(ggufs: Path) -> None:
         engine.close()
 
 
+def test_a_dying_worker_fails_its_requests(ggufs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmserve.engine.embedder import Embedder
+    from llmserve.errors import ModelFailed
+
+    engine = Embedder.load(ggufs / "bert.gguf", n_ctx=512)
+
+    def broken(self: Embedder, taken: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Embedder, "_decode", broken)
+    try:
+        with pytest.raises(ModelFailed):
+            asyncio.run(asyncio.wait_for(engine.embed([[2, 4, 3]]), 30))
+        assert isinstance(engine.failure, RuntimeError)  # the registry reloads the model
+        with pytest.raises(ModelFailed):
+            asyncio.run(engine.embed([[2, 4, 3]]))
+    finally:
+        engine.close()
+
+
 def test_rank_pooling_needs_a_rank_head(ggufs: Path) -> None:
     from llmserve.engine.embedder import Embedder
 

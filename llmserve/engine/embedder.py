@@ -225,10 +225,10 @@ class Embedder:
         )
 
     async def embed(self, inputs: Sequence[Sequence[int]]) -> list[Vector]:
-        loop = asyncio.get_running_loop()
-        job = _Job(inputs, loop.create_future(), loop, [None] * len(inputs))
         if not inputs:
             return []
+        loop = asyncio.get_running_loop()
+        job = _Job(inputs, loop.create_future(), loop, [None] * len(inputs))
         with self._cond:
             if self._failure is not None:
                 raise ModelFailed(f"{WORKER_DIED}; retry shortly", retry_after=5.0)
@@ -244,23 +244,27 @@ class Embedder:
     # -- the worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        taken: list[tuple[_Job, int]] = []
         try:
             while True:
                 with self._cond:
-                    taken = self._take()
                     if self._stopping:
                         break
+                    taken = self._take()
                     if not taken:
                         self._cond.wait(timeout=0.5)
                         continue
                 self._decode(taken)
+                taken = []
         except Exception as exc:
             # Recorded, not logged: the registry logs it once when it marks the model failed.
             self._failure = exc
         finally:
             with self._cond:
                 self._stopping = True
-                pending = list(self._pending)
+                # the queue, and the jobs of a decode that did not finish
+                pending = list({id(j): j for j in [*self._pending, *(j for j, _ in taken)]
+                                }.values())
                 self._pending.clear()
             for job in pending:
                 job.resolve(ModelFailed(f"{WORKER_DIED}; retry shortly", retry_after=5.0)
