@@ -71,6 +71,9 @@ def embed_local(path: Path, texts: Sequence[str], *, pooling: Pooling | None = N
                 ctx_size: int = 4096, threads: int | None = None) -> np.ndarray:
     """Unit-length vectors from ``path`` loaded in this process (no server): the same engine
     and checks as the server's /v1/embeddings."""
+    from llmserve.gguf_info import read_gguf
+
+    read_gguf(path)  # a missing or broken file is one clear error, before llama.cpp loads
     from llmserve.engine.embedder import Embedder
     from llmserve.engine.pooling import normalise
 

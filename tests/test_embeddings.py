@@ -306,3 +306,37 @@ def test_reads_work_with_an_embedding_model(api: TestClient, path: str) -> None:
 def test_lmstudio_lists_an_embedding_model_as_such(api: TestClient) -> None:
     (card,) = api.get("/api/v0/models").json()["data"]
     assert card["type"] == "embeddings"
+
+
+# -- `llmserve embed` without a server -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--url", "http://127.0.0.1:1", "hello"], "cannot reach"),
+    (["--format", "xml", "hello"], "--format"),
+    (["--model", "x.gguf", "--pooling", "max", "hello"], "--pooling"),
+    (["--model", "/nonexistent/x.gguf", "hello"], "not found"),
+], ids=["unreachable", "format", "pooling", "missing-file"])
+def test_embed_cli_errors_are_one_line(args: list[str], says: str) -> None:
+    from typer.testing import CliRunner
+
+    from llmserve import cli
+
+    r = CliRunner().invoke(cli.app, ["embed", *args])
+    assert r.exit_code == 1
+    assert says in r.output and "Traceback" not in r.output
+
+
+def test_embed_client_formats() -> None:
+    import io
+
+    from llmserve.embed_client import base_url, write
+
+    rows = np.array([[1.0, 0.0], [0.6, 0.8]], dtype=np.float32)
+    out = io.BytesIO()
+    write(rows, "json", out)
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == rows.tolist()
+    out = io.BytesIO()
+    write(rows, "npy", out)
+    assert np.array_equal(np.load(io.BytesIO(out.getvalue())), rows)
+    assert base_url("http://h:1/v1/") == "http://h:1"
