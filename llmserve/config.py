@@ -37,9 +37,10 @@ from llmserve.defaults import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEMO_MODEL_FILE,
 )
+from llmserve.engine.pooling import Pooling, is_embedding_gguf
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import ConfigError, InvalidRequest
-from llmserve.gguf_info import SPLIT_PATTERN
+from llmserve.gguf_info import SPLIT_PATTERN, read_gguf_cached
 from llmserve.params import checked_sampling
 from llmserve.reasoning import ReasoningFormat
 from llmserve.tool_calls import Format
@@ -218,6 +219,10 @@ class ModelOptions(BaseModel):
     rpc: RpcServers = Field(default_factory=list)
     tensor_split: TensorSplit = None
     lora: list[LoraSpec] = Field(default_factory=list)
+    # None: as its GGUF says (a declared pooling or an encoder-only architecture); a pooling
+    # implies an embedding model
+    embedding: bool | None = None
+    pooling: Pooling | None = None
 
 
 class ModelSpec(ModelOptions):
@@ -228,6 +233,15 @@ class ModelSpec(ModelOptions):
     aliases: list[str] = Field(default_factory=list)
     ttl: Duration = None
     sampling: SamplingDefaults = Field(default_factory=dict)
+
+    def serves_embeddings(self) -> bool:
+        """Whether this model loads as an embedding model (reads the GGUF header when the
+        configuration leaves it open)."""
+        if self.embedding is not None:
+            return self.embedding
+        if self.pooling is not None:
+            return True
+        return is_embedding_gguf(read_gguf_cached(self.path).metadata)
 
 
 class ServerSection(BaseModel):
@@ -366,6 +380,8 @@ class Settings(BaseModel):
     chat_template: str | None = None
     rpc: RpcServers = Field(default_factory=list)
     tensor_split: TensorSplit = None
+    embedding: bool = False
+    pooling: Pooling | None = None
     parallel: int = Field(default=1, ge=1, le=64)
     max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
     max_tokens_limit: int | None = Field(default=None, ge=1)
@@ -468,7 +484,8 @@ class Settings(BaseModel):
         return ModelOptions(ctx_size=self.ctx_size, n_gpu_layers=self.n_gpu_layers,
                             threads=self.threads, flash_attn=self.flash_attn,
                             chat_template=self.chat_template, rpc=self.rpc,
-                            tensor_split=self.tensor_split)
+                            tensor_split=self.tensor_split,
+                            embedding=True if self.embedding else None, pooling=self.pooling)
 
     def spec_for_path(self, path: Path, model_id: str | None = None) -> ModelSpec:
         """A model given by its path (command line, POST /v1/models/load): the server-wide
@@ -480,7 +497,7 @@ class Settings(BaseModel):
 _SERVER_KEYS = ("host", "port", "max_queue", "parallel", "models_dir", "max_loaded_models",
                 "ttl", "tool_parser", "chat_template_kwargs", "reasoning_format")
 _CLI_MODEL_OPTIONS = ("ctx_size", "n_gpu_layers", "threads", "flash_attn", "chat_template",
-                      "rpc", "tensor_split")
+                      "rpc", "tensor_split", "embedding", "pooling")
 
 
 def resolve_settings(values: Mapping[str, Any], explicit: set[str]) -> Settings:

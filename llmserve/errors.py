@@ -13,6 +13,10 @@ non-zero exit. Nothing else maps exceptions to statuses.
     │   ├── GrammarDeadEnd             400 grammar_dead_end          (the request's constraints
     │   │                                                             leave no token to sample)
     │   ├── UnsupportedParameter       400 unsupported_parameter     (a field not implemented yet)
+    │   ├── WrongModelKind             400 wrong_model_kind          (chat on an embedding model,
+    │   │                                                             embeddings on a chat model,
+    │   │                                                             rerank without a rank head)
+    │   ├── InputTooLong               400 context_length_exceeded   (an embedding input)
     │   ├── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
     │   └── MissingExtra               400 missing_extra             (an optional extra is not
     │                                                                 installed; names it)
@@ -118,6 +122,17 @@ class NoFimTokens(InvalidRequest):
     tokens (tokenizer.ggml.fim_pre/suf/mid_token_id)."""
 
     code = "fim_not_supported"
+class WrongModelKind(InvalidRequest):
+    """The request needs another kind of model than the one it names; the message says which
+    and how to serve one."""
+
+    code = "wrong_model_kind"
+
+
+class InputTooLong(InvalidRequest):
+    """An embedding or rerank input longer than one sequence may be (and no ``truncate``)."""
+
+    code = "context_length_exceeded"
 
 
 class ModelLoadError(InvalidRequest):

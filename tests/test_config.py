@@ -42,8 +42,10 @@ def test_example_config_is_valid() -> None:
     config, server_keys, model_keys = load_config(ROOT / "models.example.toml")
     assert config.server.max_loaded_models == 1
     assert config.server.ttl == 3600.0
-    assert set(config.models) == {"qwen", "smollm", "whisper-small"}
+    assert set(config.models) == {"qwen", "smollm", "whisper-small", "smollm-embed"}
     assert config.models["whisper-small"].kind == "whisper"
+    assert config.models["smollm-embed"].embedding is True
+    assert config.models["smollm-embed"].pooling == "mean"
     qwen = config.models["qwen"]
     assert [a.path.name for a in qwen.lora] == ["qwen-style.gguf"]
     assert qwen.path == (ROOT / "models/Qwen2.5-7B-Instruct-Q4_K_M.gguf").resolve()

@@ -75,6 +75,14 @@ CASES = [
     Case("/lora-adapters", {"adapters": [{"id": 0, "scale": 1.0}]}, "adapters"),
     Case("/v1/lora/load", {"path": "adapter.gguf"}, "path"),
     Case("/v1/lora/unload", {"path": "adapter.gguf"}, "path"),
+    Case("/v1/embeddings", {"input": "hi"}, "input"),
+    Case("/embeddings", {"input": "hi"}, "input"),
+    Case("/api/v0/embeddings", {"input": "hi"}, "input"),
+    Case("/embedding", {"content": "hi"}, "content"),
+    Case("/api/embed", {"input": "hi"}, "input"),
+    Case("/api/embeddings", {"prompt": "hi"}, "prompt"),
+    Case("/v1/rerank", {"query": "hi", "documents": ["a"]}, "query"),
+    Case("/rerank", {"query": "hi", "documents": ["a"]}, "query"),
 ]
 # POST routes whose body is not JSON (OpenAI's multipart audio upload)
 NOT_JSON = {"/v1/audio/transcriptions", "/v1/audio/translations"}

@@ -243,7 +243,11 @@ class LoadedModel:
         rope_freq_scale: float | None = None,
         rpc_servers: Sequence[str] = (),
         tensor_split: Sequence[float] | None = None,
+        embeddings: bool = False,
+        pooling_type: int | None = None,
     ) -> None:
+        """``embeddings``: a context that outputs embeddings (pooled by ``pooling_type``, None
+        = the GGUF's) rather than logits; see ``_embedding_shape``."""
         init_backend()
         self.path = check_gguf_file(path)
         self._model: Any = None
@@ -299,18 +303,25 @@ class LoadedModel:
         self.n_gpu_layers = n_gpu_layers
 
         ctx_size = n_ctx if n_ctx > 0 else self.n_ctx_train
-        try:
-            check_parallel(n_parallel, ctx_size)
-        except InvalidRequest:
-            self.close()
-            raise
+        n_seq_max = n_parallel
+        if embeddings:
+            ctx_size, n_batch, n_seq_max = self._embedding_shape(ctx_size)
+        else:
+            try:
+                check_parallel(n_parallel, ctx_size)
+            except InvalidRequest:
+                self.close()
+                raise
         threads = n_threads or os.cpu_count() or 1
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = ctx_size
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_parallel
+        cparams.n_seq_max = n_seq_max
         cparams.kv_unified = True
+        cparams.embeddings = embeddings
+        if pooling_type is not None:
+            cparams.pooling_type = pooling_type
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
@@ -348,11 +359,22 @@ class LoadedModel:
         self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
         self.n_parallel = n_parallel
         self.n_batch = n_batch
+        self.n_seq_max = n_seq_max
         self.n_threads = threads
         self.flash_attn = flash_attn
         self._pieces: dict[int, bytes] = {}
         self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos_id = int(llama_cpp.llama_vocab_eos(self.vocab))
+
+    def _embedding_shape(self, ctx_size: int) -> tuple[int, int, int]:
+        """(n_ctx, n_batch, n_seq_max) of an embedding context. One input must be read in one
+        ubatch (llama.cpp pools per ubatch, and bidirectional attention needs the whole
+        sequence), so n_batch = n_ubatch = n_ctx; positions past the trained context do not
+        exist in a BERT's position table, so n_ctx stops there; as many sequences per decode
+        as llama.cpp allows (llama-cpp-python's ``Llama(embedding=True)`` does the same)."""
+        if self.n_ctx_train > 0:
+            ctx_size = min(ctx_size, self.n_ctx_train)
+        return ctx_size, ctx_size, min(ctx_size, int(llama_cpp.llama_max_parallel_sequences()))
 
     @property
     def model(self) -> Any:

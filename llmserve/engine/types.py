@@ -156,6 +156,17 @@ def check_choices(requests: Sequence[GenerationRequest], n_parallel: int) -> Non
 
 
 @dataclass(frozen=True)
+class EmbeddingInfo:
+    """What an embedding model outputs: ``n_embd`` floats per input (per token with pooling
+    "none"); with pooling "rank" one relevance score per (query, document) pair."""
+
+    pooling: str
+    n_embd: int
+    # the largest input, in tokens, one sequence may have
+    max_tokens: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     id: str
     path: str
@@ -174,6 +185,8 @@ class ModelInfo:
     n_threads: int = 0
     # as asked: None = llama.cpp's auto
     flash_attn: bool | None = None
+    # set for an embedding model (it embeds or reranks; it does not generate)
+    embedding: EmbeddingInfo | None = None
 
     # where llama.cpp put the layers: (device, layers) in its order, the device named as ggml
     # does ("CPU", "CUDA0", "RPC0[host:port]"); empty when not known (a fake engine)
@@ -331,3 +344,22 @@ class EngineProtocol(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class EmbeddingEngine(EngineProtocol, Protocol):
+    """An engine whose ``info.embedding`` is set. Generation methods raise WrongModelKind."""
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> list[Any]:
+        """One float32 numpy array per input, in order: shape (n_embd,) when pooled, (n_tokens,
+        n_embd) with pooling "none", (1,) holding the score with pooling "rank". Inputs of
+        several calls are batched into shared decodes. Cancelling the awaiting task drops the
+        inputs not yet decoded. Raises EngineError when the decode fails."""
+        ...
+
+    def check_tokens(self, tokens: Sequence[int], param: str) -> None:
+        """InvalidRequest (naming ``param``) for a token id outside the vocabulary."""
+        ...
+
+    def rerank_tokens(self, query: str, document: str) -> list[int]:
+        """The token sequence whose rank output scores ``document`` for ``query``."""
+        ...

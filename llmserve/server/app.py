@@ -22,6 +22,7 @@ from llmserve.server.middleware import Guard, RequestTracking
 from llmserve.server.options import ServerOptions
 from llmserve.server.routes import (
     audio,
+    embeddings,
     health,
     kobold,
     llamacpp,
@@ -54,7 +55,7 @@ def create_app(
                      drain=Drain(), speech=speech)
     routes = [*health.routes, *models.routes, *openai.routes, *llamacpp.routes, *kobold.routes,
               *native.routes, *system.routes, *metrics.routes, *ollama.routes,
-              *lmstudio.routes, *lora.routes, *audio.routes]
+              *lmstudio.routes, *lora.routes, *audio.routes, *embeddings.routes]
     if options.webui:
         routes += webui.routes
 

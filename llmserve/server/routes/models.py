@@ -142,6 +142,16 @@ async def unload_model(request: Request) -> JSONResponse:
 # -- LM Studio -----------------------------------------------------------------------------------
 
 
+def _embeds(view: ModelView) -> bool:
+    """Loaded: what it was loaded as; else as its configuration and GGUF say."""
+    if view.status.info is not None:
+        return view.status.info.embedding is not None
+    try:
+        return view.status.spec.serves_embeddings()
+    except LlmserveError:  # an unreadable file is listed, not an error here
+        return False
+
+
 def lmstudio_card(view: ModelView) -> dict[str, Any]:
     gguf, info = view.gguf, view.status.info
     arch = gguf.architecture if gguf else None
@@ -149,8 +159,7 @@ def lmstudio_card(view: ModelView) -> dict[str, Any]:
     card: dict[str, Any] = {
         "id": view.id,
         "object": "model",
-        # llama.cpp pools only for embedding models
-        "type": "embeddings" if gguf and f"{arch}.pooling_type" in gguf.metadata else "llm",
+        "type": "embeddings" if _embeds(view) else "llm",
         "publisher": publisher if isinstance(publisher, str) else "local",
         "arch": arch,
         "compatibility_type": "gguf",
