@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -237,6 +238,20 @@ def run(
         bool, typer.Option(envvar="LLMSERVE_LOG_PROMPTS", help="Put request bodies and "
                            "generated text in the access log (never otherwise).")
     ] = False,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", "--files-dir", envvar="LLMSERVE_DATA_DIR",
+                                  help="Where stored responses, files and batches live (one "
+                                  "SQLite database and a files/ folder). Default: the user "
+                                  "data dir (e.g. ~/.local/share/llmserve).")
+    ] = None,
+    no_store: Annotated[
+        bool, typer.Option("--no-store", envvar="LLMSERVE_NO_STORE", help="Run stateless: "
+                           "keep no responses, files or batches (those routes answer 400).")
+    ] = False,
+    max_file_size: Annotated[
+        str, typer.Option(envvar="LLMSERVE_MAX_FILE_SIZE", help="Largest file POST /v1/files "
+                          "accepts (e.g. 512MB); separate from --max-body-size.")
+    ] = "512MB",
     shutdown_timeout: Annotated[
         float, typer.Option(envvar="LLMSERVE_SHUTDOWN_TIMEOUT", help="On SIGTERM/Ctrl-C, "
                             "seconds running generations may take to finish before they are "
@@ -291,6 +306,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     from llmserve.server.generation import Limits
     from llmserve.server.options import ServerOptions
     from llmserve.server.shutdown import GracefulServer
+    from llmserve.store import Store, default_data_dir
 
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -325,8 +341,15 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         max_loaded_models=settings.max_loaded_models,
         check=lambda spec: read_gguf(spec.path), spec_for_path=settings.spec_for_path,
     )
+    store = None
+    if not settings.no_store:
+        data_dir = (settings.data_dir or default_data_dir()).expanduser()
+        try:
+            store = Store(data_dir)
+        except (OSError, sqlite3.Error, RuntimeError) as exc:
+            fail(f"--data-dir {data_dir}: {exc}")
     app = create_app(host, limits=Limits(max_tokens_limit=settings.max_tokens_limit),
-                     options=options)
+                     options=options, store=store)
     _banner(settings, engine, options)
     config = uvicorn.Config(
         app,

@@ -37,6 +37,7 @@ DEFAULT_MAX_QUEUE = 16
 DEFAULT_RATE_LIMIT = "60/minute"
 DEFAULT_RATE_BURST = 10
 DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
+DEFAULT_MAX_FILE_SIZE = 512 * 1024 * 1024
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 
 
@@ -312,6 +313,10 @@ class Settings(BaseModel):
     rate_limit: str | None = None  # None: on (DEFAULT_RATE_LIMIT) off loopback, off on loopback
     rate_burst: int = Field(default=DEFAULT_RATE_BURST, ge=1)
     max_body_size: int = Field(default=DEFAULT_MAX_BODY_SIZE, ge=1)
+    # -- the data dir (issue 13) --
+    data_dir: Path | None = None  # None: default_data_dir()
+    no_store: bool = False
+    max_file_size: int = Field(default=DEFAULT_MAX_FILE_SIZE, ge=1)
     cors_origin: list[str] = Field(default_factory=list)
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
@@ -331,7 +336,7 @@ class Settings(BaseModel):
             parse_rate_limit(value)
         return value
 
-    @field_validator("max_body_size", mode="before")
+    @field_validator("max_body_size", "max_file_size", mode="before")
     @classmethod
     def _size_with_unit(cls, value: object) -> object:
         return parse_byte_size(value) if isinstance(value, str) else value

@@ -12,9 +12,12 @@ CLI turns them into one line and a non-zero exit. Nothing else maps exceptions t
     │   ├── GrammarDeadEnd             400 grammar_dead_end          (the request's constraints
     │   │                                                             leave no token to sample)
     │   ├── UnsupportedParameter       400 unsupported_parameter     (a field not implemented yet)
+    │   ├── StoreDisabled              400 store_disabled            (--no-store: no data dir)
     │   └── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
     ├── AuthenticationError            401 invalid_api_key
     ├── ModelNotFound                  404 model_not_found
+    ├── NotFound                       404 not_found                 (an unknown response, file or
+    │                                                                 batch id)
     ├── RequestTooLarge                413 request_too_large
     ├── UnsupportedMediaType           415 unsupported_media_type
     ├── RateLimited                    429 rate_limit_exceeded       (+ Retry-After)
@@ -100,6 +103,12 @@ class UnsupportedParameter(InvalidRequest):
     code = "unsupported_parameter"
 
 
+class StoreDisabled(InvalidRequest):
+    """A request that needs the data directory on a server run with ``--no-store``."""
+
+    code = "store_disabled"
+
+
 class ModelLoadError(InvalidRequest):
     code = "model_load_failed"
 
@@ -114,6 +123,14 @@ class ModelNotFound(LlmserveError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class NotFound(LlmserveError):
+    """An id (response, file, batch) this server does not know; ``param`` names the field."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
 
 
 class RequestTooLarge(LlmserveError):

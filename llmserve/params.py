@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 
-Family = Literal["openai", "llamacpp", "kobold", "native"]
+Family = Literal["openai", "llamacpp", "kobold", "native", "responses"]
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 # besides SamplingParams': KoboldAI's sampler ids, and the seed API's greedy switch
@@ -109,6 +109,7 @@ BOUNDS: dict[str, Bound] = {
 # The defaults each route family documents, below the model's configured ones.
 FAMILY_DEFAULTS: dict[Family, Mapping[str, Any]] = {
     "openai": {},
+    "responses": {},
     "llamacpp": {},
     "kobold": {"n_predict": 100},  # KoboldCpp's max_length
     # the seed API's document; min-p, on by default in llama.cpp, is not one of its knobs
@@ -118,7 +119,7 @@ FAMILY_DEFAULTS: dict[Family, Mapping[str, Any]] = {
 # The native families cap a request for more tokens than fit (llama-server and KoboldCpp do);
 # OpenAI's refuse it with context_length_exceeded.
 CAP_TO_CONTEXT: dict[Family, bool] = {
-    "openai": False, "llamacpp": True, "kobold": True, "native": True,
+    "openai": False, "responses": False, "llamacpp": True, "kobold": True, "native": True,
 }
 
 # llama.cpp's default sampler order (common_params_sampling::samplers), canonical names.

@@ -160,7 +160,10 @@ class Scheduler:
                 raise ModelFailed(f"{WORKER_DIED}; retry shortly", retry_after=5.0)
             if self._stopping:
                 raise RuntimeError("scheduler stopped")
-            self._pending.append(stream)
+            if stream.request.background:
+                self._pending.append(stream)
+            else:  # interactive requests wait ahead of every background one
+                self._pending.insert(self._first_background(), stream)
             self._cond.notify()
 
     def wake(self) -> None:
@@ -265,6 +268,7 @@ class Scheduler:
         dropped = [item for item in self._pending if _stream(item).cancelled]
         for item in dropped:
             self._pending.remove(item)
+        self._yield_to_interactive()
         free = [s for s in self.slots if s.job is None]
         used = sum(len(s.cached) for s in self.slots if s.job is not None)
         running = len(self.slots) - len(free)
@@ -284,6 +288,24 @@ class Scheduler:
             used += len(tokens)
             running += 1
         return admitted, dropped
+
+    def _first_background(self) -> int:
+        """Where the background requests start in ``_pending`` (its length if none wait)."""
+        return next((i for i, item in enumerate(self._pending)
+                     if _stream(item).request.background), len(self._pending))
+
+    def _yield_to_interactive(self) -> None:
+        """An interactive request waiting with every slot busy takes the slot of the newest
+        background job (a batch line), which goes back behind it, to resume later: a batch
+        delays a chat by at most the step that frees the slot."""
+        if not self._pending or _stream(self._pending[0]).request.background:
+            return
+        if any(s.job is None for s in self.slots):
+            return
+        victims = [s for s in self.slots if s.job and s.job.stream.request.background]
+        if victims:
+            self._preempt(max(victims, key=lambda s: s.job.t_start if s.job else 0.0),
+                          "an interactive request needs its slot")
 
     def _free_cancelled(self) -> bool:
         """Finish the slots whose stream was cancelled; True if there were any."""
@@ -357,9 +379,10 @@ class Scheduler:
         job.n_fed = self._claim_prefix(slot, job.to_read)
         slot.job = job
 
-    def _preempt(self, slot: Slot) -> None:
-        """Free ``slot``'s cells and put its job back at the head of the queue, to re-read its
-        prompt and generated tokens when there is room again."""
+    def _preempt(self, slot: Slot, why: str) -> None:
+        """Free ``slot``'s cells and put its job back at the head of the queue (a background
+        job: at the head of the background ones), to re-read its prompt and generated tokens
+        when there is room again."""
         job = slot.job
         assert job is not None
         if job.next_token is not None:
@@ -371,13 +394,17 @@ class Scheduler:
         slot.cached.clear()
         slot.job = None
         slot.last_used = time.perf_counter()
-        log.warning(
-            "context full: preempted a request after %d generated tokens; it resumes when "
-            "another slot frees its cells (--ctx-size %d is shared by --parallel %d slots)",
-            job.n_generated, self.model.n_ctx, len(self.slots),
+        log.log(
+            logging.INFO if job.stream.request.background else logging.WARNING,
+            "%s: preempted a request after %d generated tokens; it resumes when a slot frees "
+            "(--ctx-size %d is shared by --parallel %d slots)",
+            why, job.n_generated, self.model.n_ctx, len(self.slots),
         )
         with self._cond:
-            self._pending.appendleft(job)
+            if job.stream.request.background:
+                self._pending.insert(self._first_background(), job)
+            else:
+                self._pending.appendleft(job)
 
     def _should_abort(self, _data: Any) -> bool:
         jobs = self._abortable
@@ -454,7 +481,8 @@ class Scheduler:
             if rc == 1 and len(active) > 1:
                 # Still no room: the running slots fill the context between them. The newest
                 # waits for the others instead of failing; the rest go on next step.
-                self._preempt(max(active, key=lambda s: s.job.t_start if s.job else 0.0))
+                self._preempt(max(active, key=lambda s: s.job.t_start if s.job else 0.0),
+                              "context full")
             elif rc == 1:
                 self._finish(active[0], "error",
                              error="the context is full: the request does not fit in it")

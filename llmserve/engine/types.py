@@ -67,6 +67,9 @@ class GenerationRequest:
     # > 0: every TokenEvent carries the token's log-probability and the top ``n_probs``
     # alternatives (softmax of the raw logits, as llama-server's n_probs); 0 costs nothing.
     n_probs: int = 0
+    # a batch line: waits behind interactive requests and gives its slot up to one (the
+    # scheduler preempts it; it resumes where it stopped)
+    background: bool = False
 
 
 @dataclass(frozen=True)

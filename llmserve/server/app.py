@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,13 +14,26 @@ from starlette.middleware.cors import CORSMiddleware
 from llmserve.errors import LlmserveError
 from llmserve.registry import ModelHost
 from llmserve.server import metrics
+from llmserve.server.batches import BatchRunner
 from llmserve.server.errors import handle_http_exception, handle_llmserve_error, handle_unexpected
 from llmserve.server.generation import Limits
 from llmserve.server.middleware import Guard, RequestTracking
 from llmserve.server.options import ServerOptions
-from llmserve.server.routes import health, kobold, llamacpp, models, native, openai, system
+from llmserve.server.routes import (
+    batches,
+    files,
+    health,
+    kobold,
+    llamacpp,
+    models,
+    native,
+    openai,
+    responses,
+    system,
+)
 from llmserve.server.shutdown import Drain
 from llmserve.server.state import AppState
+from llmserve.store import Store
 
 # what a browser page may read from our responses besides the CORS-safelisted headers
 _EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining",
@@ -27,19 +41,35 @@ _EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-RateLimit-Limit", "X-RateL
 
 
 def create_app(
-    host: ModelHost, *, limits: Limits | None = None, options: ServerOptions | None = None
+    host: ModelHost, *, limits: Limits | None = None, options: ServerOptions | None = None,
+    store: Store | None = None,
 ) -> Starlette:
+    """``store``: the data dir (responses, files, batches); None runs stateless (--no-store).
+    The app closes it on shutdown."""
     options = options or ServerOptions()
     state = AppState(host=host, limits=limits or Limits(), options=options,
-                     metrics=metrics.Metrics(host), drain=Drain())
-    routes = [*health.routes, *models.routes, *openai.routes, *llamacpp.routes, *kobold.routes,
-              *native.routes, *system.routes, *metrics.routes]
+                     metrics=metrics.Metrics(host), drain=Drain(), store=store)
+    routes = [*health.routes, *models.routes, *openai.routes, *responses.routes, *files.routes,
+              *batches.routes, *llamacpp.routes, *kobold.routes, *native.routes,
+              *system.routes, *metrics.routes]
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         host.start()
+        if store is not None:
+            responses.fail_unfinished(store)
+        if state.batches is not None:
+            state.batches.start()
         yield
+        # background work first: what it has in flight is dropped before the engine goes
+        for task in list(state.background.values()):
+            task.cancel()
+        await asyncio.gather(*state.background.values(), return_exceptions=True)
+        if state.batches is not None:
+            await state.batches.stop()
         await host.close()
+        if store is not None:
+            store.close()
 
     middleware = [Middleware(RequestTracking, state=state, routes=routes)]
     if options.cors_origins:
@@ -59,4 +89,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.llmserve = state
+    if store is not None:
+        state.batches = BatchRunner(app, app.router, store, host)
     return app

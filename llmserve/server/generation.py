@@ -293,6 +293,9 @@ class GenerationObserver(Protocol):
 generation_observer: ContextVar[GenerationObserver | None] = ContextVar(
     "llmserve_generation_observer", default=None
 )
+# True while a batch line runs: its generations are background ones (GenerationRequest), which
+# the scheduler puts behind interactive requests. Set by the batch runner around each line.
+background_work: ContextVar[bool] = ContextVar("llmserve_background_work", default=False)
 
 
 async def start(
@@ -331,7 +334,8 @@ async def start(
         )
         stream = engine.submit(
             GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens, sampling=sampling,
-                              stop=params.stop, n_probs=params.n_probs)
+                              stop=params.stop, n_probs=params.n_probs,
+                              background=background_work.get())
         )
     except BaseException:
         lease.release()
