@@ -61,7 +61,15 @@ CASES = [
     Case("/models/load", {"model": "fake-model"}, "model"),
     Case("/v1/models/unload", {"model": "fake-model"}, "model"),
     Case("/models/unload", {"model": "fake-model"}, "model"),
+    Case("/v1/responses", {"input": "hi", "max_output_tokens": 4}, "input"),
+    Case("/v1/tokenize", {"content": "hi"}, "content"),
+    Case("/v1/detokenize", {"tokens": [104, 105]}, "tokens"),
+    Case("/v1/batches", {"input_file_id": "file-x", "endpoint": "/v1/chat/completions"},
+         "input_file_id"),
 ]
+# POST routes that read no JSON body: a multipart upload, and bodiless actions
+NO_JSON_BODY = {"/v1/files", "/v1/responses/{response_id}/cancel",
+                "/v1/batches/{batch_id}/cancel"}
 
 
 def _with_lone_surrogate(case: Case) -> tuple[dict[str, Any], str]:
@@ -121,7 +129,7 @@ def test_the_cases_cover_every_route_that_reads_a_body(
 ) -> None:
     app = make_app(engine)
     posts = {r.path for r in app.routes if isinstance(r, Route) and "POST" in (r.methods or ())}
-    assert posts == {c.path for c in CASES}
+    assert posts - NO_JSON_BODY == {c.path for c in CASES}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

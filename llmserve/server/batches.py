@@ -157,7 +157,7 @@ class BatchRunner:
     async def _call(self, path: str, body: Mapping[str, Any]) -> tuple[int, Any]:
         """POST ``body`` to ``path`` through the router, as background work; retried while the
         server answers 503."""
-        payload = json.dumps({**body, "stream": False}).encode()
+        payload = json.dumps({**body, "stream": False}, allow_nan=False).encode()
         while True:
             status, raw = await self._post(path, payload)
             if status != 503:

@@ -62,7 +62,7 @@ def read_lines(store: Store, file_id: str, endpoint: str) -> list[tuple[int, str
                 continue
             problem = None
             try:
-                line = json.loads(raw)
+                line = json.loads(raw, parse_constant=_no_constant)
             except (ValueError, UnicodeDecodeError):
                 problem = "not valid JSON"
             else:
@@ -83,6 +83,10 @@ def read_lines(store: Store, file_id: str, endpoint: str) -> list[tuple[int, str
     return lines
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _line_problem(line: Any, endpoint: str, seen: set[str]) -> str | None:
     if not isinstance(line, dict):
         return "not a JSON object"
@@ -101,8 +105,8 @@ def _line_problem(line: Any, endpoint: str, seen: set[str]) -> str | None:
 
 
 async def create(request: Request) -> JSONResponse:
-    store = store_of(request)
     req = await parse(request, CreateBatchRequest)
+    store = store_of(request)
     if req.endpoint not in ENDPOINTS:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}; got "
                              f"{req.endpoint!r}", param="endpoint")
