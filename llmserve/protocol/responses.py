@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from llmserve.params import Family, Wire
 from llmserve.protocol.sampling import LlamaCppSampling
@@ -60,7 +60,17 @@ class ToolItem(BaseModel):
     type: Literal["function_call", "function_call_output", "reasoning"]
 
 
-InputItem = Annotated[MessageItem | ToolItem, Field(discriminator="type")]
+def _item_type(value: Any) -> str:
+    """An item's ``type``; a bare ``{"role", "content"}`` (EasyInputMessage) is a message."""
+    kind = value.get("type", "message") if isinstance(value, dict) else getattr(
+        value, "type", "message")
+    return "message" if kind == "message" else "tool"
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")] | Annotated[ToolItem, Tag("tool")],
+    Discriminator(_item_type),
+]
 
 
 class TextFormat(BaseModel):
