@@ -3,6 +3,7 @@ non-zero exit here, once."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -10,7 +11,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -38,6 +39,7 @@ from llmserve.config import (
 from llmserve.errors import LlmserveError
 
 if TYPE_CHECKING:
+    from llmserve.batch_client import BatchClient
     from llmserve.engine.engine import Engine
     from llmserve.server.options import ServerOptions
 
@@ -642,6 +644,123 @@ def bench(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         out.print(loadgen.report_table(report))
+
+
+# -- llmserve batch ----------------------------------------------------------------------------
+
+batch_app = typer.Typer(help="Run a JSONL file of requests as a batch on a running server "
+                        "(OpenAI's Batch API: survives restarts).", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+UrlOption = Annotated[
+    str | None, typer.Option(help="The server (default: LLMSERVE_URL, else "
+                             "http://127.0.0.1:8080).", show_default=False)]
+KeyOption = Annotated[
+    str | None, typer.Option("--api-key", help="Its API key (default: LLMSERVE_API_KEY).",
+                             show_default=False)]
+
+
+@batch_app.command("submit")
+def batch_submit(
+    file: Annotated[Path, typer.Argument(help="Requests, one JSON object a line (custom_id, "
+                                         "method, url, body).", exists=True, dir_okay=False)],
+    endpoint: Annotated[
+        str | None, typer.Option(help="/v1/chat/completions, /v1/completions, /v1/embeddings "
+                                 "or /v1/responses. Default: the first line's url.",
+                                 show_default=False)] = None,
+    wait: Annotated[bool, typer.Option(help="Wait with a progress bar (stderr), then print "
+                                       "the results (stdout).")] = False,
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+    poll: Annotated[float, typer.Option(min=0.05, help="Seconds between polls with "
+                                        "--wait.")] = 0.5,
+) -> None:
+    """Upload FILE and start a batch; print its id (--wait: its results; exit 1 if lines failed)."""
+    from llmserve.batch_client import endpoint_of
+
+    with _batch_client(url, api_key) as client:
+        batch = client.submit(file, endpoint or endpoint_of(file))
+        if not wait:
+            print(batch["id"])
+            return
+        err.print(f"batch [bold]{batch['id']}[/]", highlight=False)
+        batch = _wait(client, batch, poll)
+        _print_results(client, batch)
+
+
+@batch_app.command("status")
+def batch_status(
+    batch_id: Annotated[str, typer.Argument(help="The batch id (batch_…).")],
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """A batch's status and counts."""
+    import json
+
+    with _batch_client(url, api_key) as client:
+        batch = client.batch(batch_id)
+    if json_output:
+        print(json.dumps(batch, indent=2))
+        return
+    counts = batch["request_counts"]
+    print(f"{batch['id']}  {batch['status']}  {counts['completed'] + counts['failed']}/"
+          f"{counts['total']} done, {counts['failed']} failed")
+
+
+@batch_app.command("results")
+def batch_results(
+    batch_id: Annotated[str, typer.Argument(help="The batch id (batch_…).")],
+    url: UrlOption = None,
+    api_key: KeyOption = None,
+) -> None:
+    """Print a finished batch's output, then error lines (JSONL); exit 1 if lines failed."""
+    with _batch_client(url, api_key) as client:
+        batch = client.batch(batch_id)
+        if batch["status"] not in ("completed", "cancelled", "failed", "expired"):
+            fail(f"batch {batch_id} is {batch['status']}: wait for it "
+                 f"(`llmserve batch status {batch_id}`)")
+        _print_results(client, batch)
+
+
+@contextlib.contextmanager
+def _batch_client(url: str | None, api_key: str | None) -> Iterator[BatchClient]:
+    from llmserve.batch_client import BatchClient, BatchClientError
+
+    client = BatchClient.connect(url, api_key)
+    try:
+        yield client
+    except BatchClientError as exc:
+        fail(str(exc))
+    finally:
+        client.close()
+
+
+def _wait(client: BatchClient, batch: dict[str, Any], poll: float) -> dict[str, Any]:
+    from llmserve.batch_client import FINAL
+
+    total = batch["request_counts"]["total"]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.completed}/{task.total}"), console=err,
+                  transient=False) as progress:
+        task = progress.add_task(batch["status"], total=total)
+        while batch["status"] not in FINAL:
+            time.sleep(poll)
+            batch = client.batch(batch["id"])
+            counts = batch["request_counts"]
+            progress.update(task, completed=counts["completed"] + counts["failed"],
+                            description=batch["status"])
+    return batch
+
+
+def _print_results(client: BatchClient, batch: dict[str, Any]) -> None:
+    for line in client.results(batch):
+        print(line)
+    sys.stdout.flush()
+    counts = batch["request_counts"]
+    if batch["status"] != "completed" or counts["failed"]:
+        fail(f"batch {batch['id']} {batch['status']}: {counts['failed']} of {counts['total']} "
+             "lines failed")
 
 
 def main() -> None:

@@ -195,7 +195,7 @@ def test_store_false_keeps_nothing(sdk: OpenAI) -> None:
 
 def test_no_store_answers_but_keeps_nothing(open_client: OpenClient,
                                             engine: FakeEngine) -> None:
-    tc, sdk = open_client(engine, store=False)
+    _tc, sdk = open_client(engine, store=False)
     r = sdk.responses.create(model="fake-model", input="Hi")
     assert r.output_text == "Hello, world!" and r.store is False
     for call in (lambda: sdk.responses.retrieve(r.id),

@@ -44,8 +44,11 @@ RETRY_DELAY_S = 0.25
 
 # the app's exception handlers, as Starlette's ExceptionMiddleware hands them to a route: a
 # line's error renders exactly as it would over HTTP
-_HANDLERS: tuple[dict[Any, Any], dict[int, Any]] = ({LlmserveError: handle_llmserve_error, HTTPException: handle_http_exception,
-              Exception: handle_unexpected}, {})
+_HANDLERS: tuple[dict[Any, Any], dict[int, Any]] = (
+    {LlmserveError: handle_llmserve_error, HTTPException: handle_http_exception,
+     Exception: handle_unexpected},
+    {},
+)
 
 
 class BatchRunner:
