@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from llmserve.registry import ModelHost
 from llmserve.server.app import create_app
 from llmserve.store import Store
+from tests.conftest import requires_llama_cpp
 from tests.fakes import FakeEngine, Script
 from tests.polling import wait_until
 
@@ -85,6 +86,7 @@ def test_previous_response_id_prepends_the_stored_conversation(
     assert third.status == "completed"
 
 
+@requires_llama_cpp  # the JSON-schema converter
 def test_text_format_json_schema_takes_the_grammar_path(sdk: OpenAI, engine: FakeEngine) -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     r = sdk.responses.create(model="fake-model", input="x", text={"format": {
@@ -95,6 +97,7 @@ def test_text_format_json_schema_takes_the_grammar_path(sdk: OpenAI, engine: Fak
     assert r.text.format.type == "json_schema"
 
 
+@requires_llama_cpp
 def test_a_bad_schema_is_a_400_naming_text_format(sdk: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         sdk.responses.create(model="fake-model", input="x", text={"format": {

@@ -96,7 +96,13 @@ def test_responses_plain_stream_previous_and_schema(start: Start) -> None:
     assert second.usage is not None
     assert second.usage.input_tokens_details.cached_tokens > 0
     assert second.usage.input_tokens > first.usage.input_tokens  # type: ignore[union-attr]
-    assert "Ada" in second.output_text
+    # in context: the same answer as a chat that sends the conversation itself (instructions
+    # are not carried to the next turn)
+    explicit = client.chat.completions.create(model="x", temperature=0, max_tokens=12, messages=[
+        {"role": "user", "content": "My name is Ada. Remember it."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"}])
+    assert second.output_text == explicit.choices[0].message.content
     items = list(client.responses.input_items.list(second.id))
     assert [i.content[0].text for i in items] == ["What is my name?"]  # type: ignore[union-attr]
 
