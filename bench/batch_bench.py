@@ -76,15 +76,15 @@ def ttft(http: httpx.Client, i: int) -> float:
     body = {"messages": [{"role": "user", "content": f"Chat {i}: say hi."}], "max_tokens": 4,
             "stream": True, "temperature": 0.0}
     started = time.perf_counter()
+    first: float | None = None
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
-            if line.startswith("data: {") and '"content":"' in line \
+            if first is None and line.startswith("data: {") and '"content":"' in line \
                     and '"content":""' not in line:
                 first = time.perf_counter() - started
-                for _ in r.iter_lines():
-                    pass
-                return first
-    raise RuntimeError("no token")
+    if first is None:
+        raise RuntimeError("no token")
+    return first
 
 
 def store_latency(http: httpx.Client, store: bool) -> float:
