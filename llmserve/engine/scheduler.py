@@ -429,7 +429,9 @@ class Scheduler:
                 n += 1
         budget = prompt_chunk(self.model.n_batch, n)
         reading: list[_Job] = []
-        for slot in sorted(active, key=lambda s: s.job.t_start if s.job else 0.0):
+        # oldest first, interactive before background: a chat's prompt is not read after a
+        # preempted batch line's re-read
+        for slot in sorted(active, key=_read_order):
             job = slot.job
             assert job is not None
             if job.next_token is not None or budget <= 0:
@@ -642,6 +644,11 @@ class Scheduler:
         for slot, _index, _tokens in fed:
             if slot.job:
                 self._finish(slot, "error", error=message)
+
+
+def _read_order(slot: Slot) -> tuple[bool, float]:
+    job = slot.job
+    return (job.stream.request.background, job.t_start) if job else (False, 0.0)
 
 
 def _stream(item: GenerationStream | _Job) -> GenerationStream:
