@@ -3,12 +3,13 @@ non-zero exit here, once."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -29,6 +30,7 @@ from llmserve.errors import ClientError, LlmserveError
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from llmserve.batch_client import BatchClient
     from llmserve.client import Client
     from llmserve.config import ModelSpec, Settings
     from llmserve.engine.types import EngineProtocol, ModelInfo
@@ -336,6 +338,20 @@ def run(
         bool, typer.Option(envvar="LLMSERVE_LOG_PROMPTS", help="Put request bodies and "
                            "generated text in the access log (never otherwise).")
     ] = False,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", "--files-dir", envvar="LLMSERVE_DATA_DIR",
+                                  help="Where stored responses, files and batches live (one "
+                                  "SQLite database and a files/ folder). Default: the user "
+                                  "data dir (e.g. ~/.local/share/llmserve).")
+    ] = None,
+    no_store: Annotated[
+        bool, typer.Option("--no-store", envvar="LLMSERVE_NO_STORE", help="Run stateless: "
+                           "keep no responses, files or batches (those routes answer 400).")
+    ] = False,
+    max_file_size: Annotated[
+        str, typer.Option(envvar="LLMSERVE_MAX_FILE_SIZE", help="Largest file POST /v1/files "
+                          "accepts (e.g. 512MB); separate from --max-body-size.")
+    ] = "512MB",
     shutdown_timeout: Annotated[
         float, typer.Option(envvar="LLMSERVE_SHUTDOWN_TIMEOUT", help="On SIGTERM/Ctrl-C, "
                             "seconds running generations may take to finish before they are "
@@ -393,6 +409,7 @@ def _first_error(exc: ValueError) -> str:
 
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     import logging
+    import sqlite3
 
     import uvicorn
 
@@ -404,6 +421,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     from llmserve.server.generation import Limits
     from llmserve.server.options import ServerOptions
     from llmserve.server.shutdown import GracefulServer
+    from llmserve.store import Store, default_data_dir
 
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -443,8 +461,15 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     )
     speech = SpeechHost(settings.whisper_models, max_queue=settings.max_queue,
                         threads=settings.threads)
+    store = None
+    if not settings.no_store:
+        data_dir = (settings.data_dir or default_data_dir()).expanduser()
+        try:
+            store = Store(data_dir)
+        except (OSError, sqlite3.Error, RuntimeError) as exc:
+            fail(f"--data-dir {data_dir}: {exc}")
     app = create_app(host, limits=Limits(max_tokens_limit=settings.max_tokens_limit),
-                     options=options, speech=speech)
+                     options=options, speech=speech, store=store)
     _banner(settings, engine, options)
     config = uvicorn.Config(
         app,
@@ -1231,6 +1256,119 @@ def embed(
         fail(exc.message)
     embed_client.write(vectors, output_format, sys.stdout.buffer)
     sys.stdout.flush()
+
+
+# -- llmserve batch ----------------------------------------------------------------------------
+
+batch_app = typer.Typer(help="Run a JSONL file of requests as a batch on a running server "
+                        "(OpenAI's Batch API: survives restarts).", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+
+
+@batch_app.command("submit")
+def batch_submit(
+    file: Annotated[Path, typer.Argument(help="Requests, one JSON object a line (custom_id, "
+                                         "method, url, body).", exists=True, dir_okay=False)],
+    endpoint: Annotated[
+        str | None, typer.Option(help="/v1/chat/completions, /v1/completions, /v1/embeddings "
+                                 "or /v1/responses. Default: the first line's url.",
+                                 show_default=False)] = None,
+    wait: Annotated[bool, typer.Option(help="Wait with a progress bar (stderr), then print "
+                                       "the results (stdout).")] = False,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    poll: Annotated[float, typer.Option(min=0.05, help="Seconds between polls with "
+                                        "--wait.")] = 0.5,
+) -> None:
+    """Upload FILE and start a batch; print its id (--wait: its results; exit 1 if lines failed)."""
+    from llmserve.batch_client import endpoint_of
+
+    with _batch_client(url, api_key) as client:
+        batch = client.submit(file, endpoint or endpoint_of(file))
+        if not wait:
+            print(batch["id"])
+            return
+        err.print(f"batch [bold]{batch['id']}[/]", highlight=False)
+        batch = _wait(client, batch, poll)
+        _print_results(client, batch)
+
+
+@batch_app.command("status")
+def batch_status(
+    batch_id: Annotated[str, typer.Argument(help="The batch id (batch_…).")],
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """A batch's status and counts."""
+    import json
+
+    with _batch_client(url, api_key) as client:
+        batch = client.batch(batch_id)
+    if json_output:
+        print(json.dumps(batch, indent=2))
+        return
+    counts = batch["request_counts"]
+    print(f"{batch['id']}  {batch['status']}  {counts['completed'] + counts['failed']}/"
+          f"{counts['total']} done, {counts['failed']} failed")
+
+
+@batch_app.command("results")
+def batch_results(
+    batch_id: Annotated[str, typer.Argument(help="The batch id (batch_…).")],
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Print a finished batch's output, then error lines (JSONL); exit 1 if lines failed."""
+    with _batch_client(url, api_key) as client:
+        batch = client.batch(batch_id)
+        if batch["status"] not in ("completed", "cancelled", "failed", "expired"):
+            fail(f"batch {batch_id} is {batch['status']}: wait for it "
+                 f"(`llmserve batch status {batch_id}`)")
+        _print_results(client, batch)
+
+
+@contextlib.contextmanager
+def _batch_client(url: str | None, api_key: str | None) -> Iterator[BatchClient]:
+    from llmserve.batch_client import BatchClient, BatchClientError
+
+    client = BatchClient.connect(url, api_key)
+    try:
+        yield client
+    except BatchClientError as exc:
+        fail(str(exc))
+    finally:
+        client.close()
+
+
+def _wait(client: BatchClient, batch: dict[str, Any], poll: float) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    from llmserve.batch_client import FINAL
+
+    total = batch["request_counts"]["total"]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.completed}/{task.total}"), console=err.console,
+                  transient=False) as progress:
+        task = progress.add_task(batch["status"], total=total)
+        while batch["status"] not in FINAL:
+            time.sleep(poll)
+            batch = client.batch(batch["id"])
+            counts = batch["request_counts"]
+            progress.update(task, completed=counts["completed"] + counts["failed"],
+                            description=batch["status"])
+    return batch
+
+
+def _print_results(client: BatchClient, batch: dict[str, Any]) -> None:
+    for line in client.results(batch):
+        print(line)
+    sys.stdout.flush()
+    counts = batch["request_counts"]
+    if batch["status"] != "completed" or counts["failed"]:
+        fail(f"batch {batch['id']} {batch['status']}: {counts['failed']} of {counts['total']} "
+             "lines failed")
 
 
 def main() -> None:

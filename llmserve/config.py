@@ -29,6 +29,7 @@ from pydantic import (
 from llmserve.defaults import (
     DEFAULT_CTX,
     DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_FILE_SIZE,
     DEFAULT_MAX_LOADED_MODELS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
@@ -405,6 +406,10 @@ class Settings(BaseModel):
     rate_limit: str | None = None  # None: on (DEFAULT_RATE_LIMIT) off loopback, off on loopback
     rate_burst: int = Field(default=DEFAULT_RATE_BURST, ge=1)
     max_body_size: int = Field(default=DEFAULT_MAX_BODY_SIZE, ge=1)
+    # -- the data dir (issue 13) --
+    data_dir: Path | None = None  # None: default_data_dir()
+    no_store: bool = False
+    max_file_size: int = Field(default=DEFAULT_MAX_FILE_SIZE, ge=1)
     cors_origin: list[str] = Field(default_factory=list)
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
@@ -452,7 +457,7 @@ class Settings(BaseModel):
             parse_rate_limit(value)
         return value
 
-    @field_validator("max_body_size", mode="before")
+    @field_validator("max_body_size", "max_file_size", mode="before")
     @classmethod
     def _size_with_unit(cls, value: object) -> object:
         return parse_byte_size(value) if isinstance(value, str) else value

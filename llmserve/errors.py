@@ -17,11 +17,14 @@ non-zero exit. Nothing else maps exceptions to statuses.
     │   │                                                             embeddings on a chat model,
     │   │                                                             rerank without a rank head)
     │   ├── InputTooLong               400 context_length_exceeded   (an embedding input)
+    │   ├── StoreDisabled              400 store_disabled            (--no-store: no data dir)
     │   ├── ModelLoadError             400 model_load_failed         (bad file, bad GGUF)
     │   └── MissingExtra               400 missing_extra             (an optional extra is not
     │                                                                 installed; names it)
     ├── AuthenticationError            401 invalid_api_key
     ├── ModelNotFound                  404 model_not_found
+    ├── NotFound                       404 not_found                 (an unknown response, file or
+    │                                                                 batch id)
     ├── RequestTooLarge                413 request_too_large
     ├── UnsupportedMediaType           415 unsupported_media_type
     ├── NotImplementedHere             501 not_implemented           (an API operation llmserve
@@ -122,6 +125,8 @@ class NoFimTokens(InvalidRequest):
     tokens (tokenizer.ggml.fim_pre/suf/mid_token_id)."""
 
     code = "fim_not_supported"
+
+
 class WrongModelKind(InvalidRequest):
     """The request needs another kind of model than the one it names; the message says which
     and how to serve one."""
@@ -133,6 +138,12 @@ class InputTooLong(InvalidRequest):
     """An embedding or rerank input longer than one sequence may be (and no ``truncate``)."""
 
     code = "context_length_exceeded"
+
+
+class StoreDisabled(InvalidRequest):
+    """A request that needs the data directory on a server run with ``--no-store``."""
+
+    code = "store_disabled"
 
 
 class ModelLoadError(InvalidRequest):
@@ -156,6 +167,14 @@ class ModelNotFound(LlmserveError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class NotFound(LlmserveError):
+    """An id (response, file, batch) this server does not know; ``param`` names the field."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
 
 
 class RequestTooLarge(LlmserveError):

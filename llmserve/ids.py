@@ -14,3 +14,10 @@ _random = random.Random()
 
 def random_hex(n_chars: int = 32) -> str:
     return f"{_random.getrandbits(4 * n_chars):0{n_chars}x}"
+
+
+def object_id(prefix: str) -> str:
+    """A stored object's id as OpenAI spells them: ``resp_…``, ``msg_…``, ``batch_…``
+    (files: ``file-…``, which ``prefix`` "file-" gives with no underscore)."""
+    sep = "" if prefix.endswith("-") else "_"
+    return f"{prefix}{sep}{random_hex(32)}"

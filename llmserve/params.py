@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmserve.engine.types import SamplingParams
 from llmserve.errors import InvalidRequest, UnsupportedParameter
 
-Family = Literal["openai", "llamacpp", "kobold", "native", "ollama"]
+Family = Literal["openai", "llamacpp", "kobold", "native", "ollama", "responses"]
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 # besides SamplingParams': KoboldAI's sampler ids, the seed API's greedy switch, the context
@@ -117,6 +117,7 @@ BOUNDS: dict[str, Bound] = {
 # The defaults each route family documents, below the model's configured ones.
 FAMILY_DEFAULTS: dict[Family, Mapping[str, Any]] = {
     "openai": {},
+    "responses": {},
     "llamacpp": {},
     "kobold": {"n_predict": 100},  # KoboldCpp's max_length
     # the seed API's document; min-p, on by default in llama.cpp, is not one of its knobs
@@ -129,7 +130,8 @@ FAMILY_DEFAULTS: dict[Family, Mapping[str, Any]] = {
 # The native families cap a request for more tokens than fit (llama-server and KoboldCpp do);
 # OpenAI's refuse it with context_length_exceeded.
 CAP_TO_CONTEXT: dict[Family, bool] = {
-    "openai": False, "llamacpp": True, "kobold": True, "native": True, "ollama": True,
+    "openai": False, "responses": False, "llamacpp": True, "kobold": True, "native": True,
+    "ollama": True,
 }
 
 # llama.cpp's default sampler order (common_params_sampling::samplers), canonical names.

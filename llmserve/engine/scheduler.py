@@ -197,7 +197,10 @@ class Scheduler:
                 raise ModelFailed(f"{WORKER_DIED}; retry shortly", retry_after=5.0)
             if self._stopping:
                 raise RuntimeError("scheduler stopped")
-            self._pending.append(stream)
+            if stream.request.background:
+                self._pending.append(stream)
+            else:  # interactive requests wait ahead of every background one
+                self._pending.insert(self._first_background(), stream)
             self._cond.notify()
 
     def call(self, work: Callable[[], object]) -> Future[object]:
@@ -354,6 +357,7 @@ class Scheduler:
         dropped = [item for item in self._pending if _stream(item).cancelled]
         for item in dropped:
             self._pending.remove(item)
+        self._yield_to_interactive()
         free = [s for s in self.slots if s.job is None and s.kept_for is None]
         used = sum(len(s.cached) for s in self.slots if s.job is not None)
         running = sum(1 for s in self.slots if s.job is not None)
@@ -379,6 +383,24 @@ class Scheduler:
                 free.remove(kept)
                 kept.kept_for = _stream(item)
         return admitted, dropped
+
+    def _first_background(self) -> int:
+        """Where the background requests start in ``_pending`` (its length if none wait)."""
+        return next((i for i, item in enumerate(self._pending)
+                     if _stream(item).request.background), len(self._pending))
+
+    def _yield_to_interactive(self) -> None:
+        """An interactive request waiting with every slot busy takes the slot of the newest
+        background job (a batch line), which goes back behind it, to resume later: a batch
+        delays a chat by at most the step that frees the slot."""
+        if not self._pending or _stream(self._pending[0]).request.background:
+            return
+        if any(s.job is None for s in self.slots):
+            return
+        victims = [s for s in self.slots if s.job and s.job.stream.request.background]
+        if victims:
+            self._preempt(max(victims, key=lambda s: s.job.t_start if s.job else 0.0),
+                          "an interactive request needs its slot")
 
     def _free_cancelled(self) -> bool:
         """Finish the slots whose stream was cancelled; True if there were any."""
@@ -514,9 +536,10 @@ class Scheduler:
         self._clear_kept(job.stream)
         slot.job = job
 
-    def _preempt(self, slot: Slot) -> None:
-        """Free ``slot``'s cells and put its job back at the head of the queue, to re-read its
-        prompt and generated tokens when there is room again."""
+    def _preempt(self, slot: Slot, why: str) -> None:
+        """Free ``slot``'s cells and put its job back at the head of the queue (a background
+        job: at the head of the background ones), to re-read its prompt and generated tokens
+        when there is room again."""
         job = slot.job
         assert job is not None
         if job.next_token is not None:
@@ -529,13 +552,17 @@ class Scheduler:
         slot.cached.clear()
         slot.job = None
         slot.last_used = time.perf_counter()
-        log.warning(
-            "context full: preempted a request after %d generated tokens; it resumes when "
-            "another slot frees its cells (--ctx-size %d is shared by --parallel %d slots)",
-            job.n_generated, self.model.n_ctx, len(self.slots),
+        log.log(
+            logging.INFO if job.stream.request.background else logging.WARNING,
+            "%s: preempted a request after %d generated tokens; it resumes when a slot frees "
+            "(--ctx-size %d is shared by --parallel %d slots)",
+            why, job.n_generated, self.model.n_ctx, len(self.slots),
         )
         with self._cond:
-            self._pending.appendleft(job)
+            if job.stream.request.background:
+                self._pending.insert(self._first_background(), job)
+            else:
+                self._pending.appendleft(job)
 
     def _should_abort(self, _data: Any) -> bool:
         jobs = self._abortable
@@ -561,7 +588,9 @@ class Scheduler:
                 n += 1
         budget = prompt_chunk(self.model.n_batch, n)
         reading: list[_Job] = []
-        for slot in sorted(active, key=lambda s: s.job.t_start if s.job else 0.0):
+        # oldest first, interactive before background: a chat's prompt is not read after a
+        # preempted batch line's re-read
+        for slot in sorted(active, key=_read_order):
             job = slot.job
             assert job is not None
             if job.next_token is not None or budget <= 0:
@@ -613,7 +642,8 @@ class Scheduler:
             if rc == 1 and len(active) > 1:
                 # Still no room: the running slots fill the context between them. The newest
                 # waits for the others instead of failing; the rest go on next step.
-                self._preempt(max(active, key=lambda s: s.job.t_start if s.job else 0.0))
+                self._preempt(max(active, key=lambda s: s.job.t_start if s.job else 0.0),
+                              "context full")
             elif rc == 1:
                 self._finish(active[0], "error",
                              error="the context is full: the request does not fit in it")
@@ -829,6 +859,11 @@ class Scheduler:
         for slot, _index, _tokens in fed:
             if slot.job:
                 self._finish(slot, "error", error=message)
+
+
+def _read_order(slot: Slot) -> tuple[bool, float]:
+    job = slot.job
+    return (job.stream.request.background, job.t_start) if job else (False, 0.0)
 
 
 def _stream(item: GenerationStream | _Job) -> GenerationStream:

@@ -85,6 +85,9 @@ class GenerationRequest:
     # the request's own LoRA scales (``lora``), checked by the engine; None: the model's
     # global scales when the generation starts
     lora: AdapterSet | None = None
+    # a batch line: waits behind interactive requests and gives its slot up to one (the
+    # scheduler preempts it; it resumes where it stopped)
+    background: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from llmserve.params import Family
 from llmserve.protocol.openai import ChatMessage
@@ -80,7 +80,8 @@ class TokenizeRequest(_Request):
     """POST /tokenize. ``add_special`` defaults to true (llama-server: false) so that the count
     is exactly what /completion evaluates for the same text."""
 
-    content: str
+    # ``prompt``: vLLM's name for it
+    content: str = Field(validation_alias=AliasChoices("content", "prompt"))
     model: str | None = None
     add_special: bool = True
     parse_special: bool = True

@@ -379,6 +379,9 @@ class GenerationObserver(Protocol):
 generation_observer: ContextVar[GenerationObserver | None] = ContextVar(
     "llmserve_generation_observer", default=None
 )
+# True while a batch line runs: its generations are background ones (GenerationRequest), which
+# the scheduler puts behind interactive requests. Set by the batch runner around each line.
+background_work: ContextVar[bool] = ContextVar("llmserve_background_work", default=False)
 
 
 async def start(
@@ -418,7 +421,7 @@ async def start(
         )
         request = GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens,
                                     sampling=sampling, stop=params.stop, n_probs=params.n_probs,
-                                    lora=params.lora)
+                                    lora=params.lora, background=background_work.get())
         stream, *forks = engine.submit_choices(choices(request, params.n))
     except BaseException:
         lease.release()

@@ -136,4 +136,6 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(AppState.of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-routes = [Route("/metrics", metrics_endpoint, methods=["GET"])]
+# /v1/metrics: seed 003's OpenAI-prefixed twin
+routes = [Route("/metrics", metrics_endpoint, methods=["GET"]),
+          Route("/v1/metrics", metrics_endpoint, methods=["GET"])]

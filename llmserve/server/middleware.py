@@ -31,6 +31,9 @@ from llmserve.server.routes.webui import is_page_path
 from llmserve.server.state import AppState
 
 PUBLIC_PATHS = ("/health", "/v1/health")
+METRICS_PATHS = ("/metrics", "/v1/metrics")
+UPLOAD_PATHS = ("/v1/files",)
+UPLOAD_FRAMING = 64 * 1024
 _MAX_REQUEST_ID = 128
 
 
@@ -131,12 +134,14 @@ class Guard:
         self.keys = ApiKeys(options.api_keys)
         self.limiter = RateLimiter(options.rate_limit) if options.rate_limit else None
         self.max_body_size = options.max_body_size
+        # uploads (POST /v1/files) have their own limit: the file plus its multipart framing
+        self.max_upload_size = options.max_file_size + UPLOAD_FRAMING
 
     def _public(self, scope: Scope) -> bool:
         if scope["method"] not in ("GET", "HEAD"):
             return False
         path, options = scope["path"], self.state.options
-        return (path in PUBLIC_PATHS or (path == "/metrics" and options.metrics_public)
+        return (path in PUBLIC_PATHS or (path in METRICS_PATHS and options.metrics_public)
                 or (options.webui and is_page_path(path)))
 
     def _admit(self, scope: Scope, headers: Headers) -> Allowance | None:
@@ -152,11 +157,18 @@ class Guard:
             if self.limiter is not None:
                 allowance = self.limiter.take(identity)
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_size:
-            raise self._too_large()
+        if length.isdigit() and int(length) > self._limit(scope):
+            raise self._too_large(scope)
         return allowance
 
-    def _too_large(self) -> RequestTooLarge:
+    def _limit(self, scope: Scope) -> int:
+        return self.max_upload_size if scope["path"] in UPLOAD_PATHS else self.max_body_size
+
+    def _too_large(self, scope: Scope) -> RequestTooLarge:
+        if scope["path"] in UPLOAD_PATHS:
+            return RequestTooLarge(
+                f"the upload is larger than the server's limit of "
+                f"{self.state.options.max_file_size} bytes for a file (--max-file-size)")
         return RequestTooLarge(
             f"the request body is larger than the server's limit of {self.max_body_size} bytes "
             "(--max-body-size)"
@@ -175,6 +187,7 @@ class Guard:
             await error_response(exc, style_for(scope, self.routes))(scope, receive, send)
             return
         received = 0
+        limit = self._limit(scope)
 
         async def receive_limited() -> Message:
             nonlocal received
@@ -182,8 +195,8 @@ class Guard:
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 received += len(chunk)
-                if received > self.max_body_size:
-                    raise self._too_large()
+                if received > limit:
+                    raise self._too_large(scope)
                 if record.keep_prompts:
                     if record.body is None:
                         record.body = bytearray()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llmserve.config import Settings
-from llmserve.defaults import DEFAULT_MAX_BODY_SIZE, DEFAULT_SHUTDOWN_TIMEOUT
+from llmserve.defaults import DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_FILE_SIZE, DEFAULT_SHUTDOWN_TIMEOUT
 from llmserve.server.chat_plan import ChatDefaults
 from llmserve.server.ratelimit import RateLimit
 
@@ -17,6 +17,7 @@ class ServerOptions:
     metrics_public: bool = False
     rate_limit: RateLimit | None = None
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
     cors_origins: tuple[str, ...] = ()
     log_format: Literal["text", "json"] = "text"
     log_prompts: bool = False
@@ -34,6 +35,7 @@ class ServerOptions:
             metrics_public=settings.metrics_public,
             rate_limit=None if rate is None else RateLimit(*rate, burst=settings.rate_burst),
             max_body_size=settings.max_body_size,
+            max_file_size=settings.max_file_size,
             cors_origins=tuple(settings.cors_origin),
             log_format=settings.log_format,
             log_prompts=settings.log_prompts,

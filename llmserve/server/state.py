@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -11,8 +12,10 @@ from llmserve.audio.host import SpeechHost
 from llmserve.registry import ModelHost
 from llmserve.server.generation import Limits, RunningGenerations
 from llmserve.server.options import ServerOptions
+from llmserve.store import Store
 
 if TYPE_CHECKING:
+    from llmserve.server.batches import BatchRunner
     from llmserve.server.metrics import Metrics
     from llmserve.server.shutdown import Drain
 
@@ -26,6 +29,11 @@ class AppState:
     drain: Drain
     speech: SpeechHost
     running: RunningGenerations = field(default_factory=RunningGenerations)
+    # the data dir; None with --no-store
+    store: Store | None = None
+    # background responses still running, by id
+    background: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    batches: BatchRunner | None = None
 
     @staticmethod
     def of(request: Request) -> AppState:
