@@ -186,7 +186,7 @@ def test_malformed_input_is_a_400_naming_the_line(open_app: Opener, content: byt
 def test_unknown_endpoints_files_and_ids(open_app: Opener) -> None:
     tc, sdk = open_app(FakeEngine())
     f = sdk.files.create(file=("in.jsonl", jsonl([chat_line(0)])), purpose="batch")
-    for endpoint in ("/v1/nope", "/v1/embeddings"):  # embeddings: not served by this app
+    for endpoint in ("/v1/nope", "/v1/moderations"):
         r = tc.post("/v1/batches", json={"input_file_id": f.id, "endpoint": endpoint,
                                          "completion_window": "24h"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "endpoint", r.text
