@@ -116,21 +116,28 @@ def main() -> None:
         k: str(v) for k, v in vars(args).items()}}
     load = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens}
 
-    with c.started([one], rid) as servers:
-        url = servers["1 replica"].url
+    async def one_replica(url: str) -> tuple[dict[str, float], list[float], list[float]]:
         client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none")
-        model = "model"
-        asyncio.run(_stream(None, client, model, 4))  # warm-up
-        results["one_replica"] = asyncio.run(_load(None, client, model, **load))
-        direct = asyncio.run(_ttft(None, client, model, args.ttft_requests))
-        router = _router([url], model)
-        asyncio.run(_stream(router, None, model, 4))
-        routed = asyncio.run(_ttft(router, None, model, args.ttft_requests))
+        await _stream(None, client, "model", 4)  # warm-up
+        load_result = await _load(None, client, "model", **load)
+        direct = await _ttft(None, client, "model", args.ttft_requests)
+        router = _router([url], "model")
+        await _stream(router, None, "model", 4)
+        routed = await _ttft(router, None, "model", args.ttft_requests)
+        await client.close()
+        return load_result, direct, routed
+
+    async def two_replicas(urls: list[str]) -> dict[str, float]:
+        router = _router(urls, "model")
+        await _stream(router, None, "model", 4)
+        return await _load(router, None, "model", **load)
+
+    with c.started([one], rid) as servers:
+        results["one_replica"], direct, routed = asyncio.run(
+            one_replica(servers["1 replica"].url))
     with c.started(twins, rid) as servers:
-        urls = [s.url for s in servers.values()]
-        router = _router(urls, model)
-        asyncio.run(_stream(router, None, model, 4))
-        results["two_replicas_router"] = asyncio.run(_load(router, None, model, **load))
+        results["two_replicas_router"] = asyncio.run(
+            two_replicas([s.url for s in servers.values()]))
 
     results["ttft_direct_s"] = {"p50": _pct(direct, 50), "p95": _pct(direct, 95)}
     results["ttft_router_s"] = {"p50": _pct(routed, 50), "p95": _pct(routed, 95)}
