@@ -1371,6 +1371,63 @@ def _print_results(client: BatchClient, batch: dict[str, Any]) -> None:
              "lines failed")
 
 
+_PLAIN = {int: int, float: float, str: str}
+
+
+def _plain_values(alone: typer.Typer, command: Callable[..., Any],
+                  args: list[str]) -> dict[str, Any] | None:
+    """The arguments of ``command`` when every value given is a plain str, int, float, a list
+    of str or a flag: parsed by click's parser and converted here, without Typer's pydantic
+    coercion (importing pydantic is ~0.2 s of a 0.3 s budget for ``ask``). None (let Typer do
+    it, with its messages) for anything else: --help, a bad value, a type not listed here."""
+    import typing
+
+    from typer._click.core import Context
+
+    if any(a in ("--help", "-h") for a in args):
+        return None
+    cmd = typer.main.get_command(alone)
+    hints = typing.get_type_hints(command)
+    try:
+        opts, rest, _ = cmd.make_parser(Context(cmd)).parse_args(list(args))
+    except Exception:
+        return None
+    if rest:
+        return None
+    values: dict[str, Any] = {}
+    for param in cmd.params:
+        name = param.name or ""
+        raw = opts.get(name)
+        kind = hints.get(name)
+        if raw is None or raw == ():
+            values[name] = param.default
+            continue
+        base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+        if len(base) != 1 or getattr(param, "min", None) is not None \
+                or getattr(param, "max", None) is not None:
+            return None
+        target = base[0]
+        try:
+            if target is bool:
+                values[name] = bool(raw)
+            elif typing.get_origin(target) is list and typing.get_args(target) == (str,):
+                values[name] = [str(v) for v in (raw if isinstance(raw, list | tuple) else [raw])]
+            elif target in _PLAIN and isinstance(raw, str):
+                values[name] = _PLAIN[target](raw)
+            else:
+                return None
+        except ValueError:
+            return None
+    return values
+
+
+def _run_plain(command: Callable[..., Any], values: dict[str, Any]) -> None:
+    try:
+        command(**values)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
 # Commands that shell loops run many times: built alone. Typer reads the annotations of every
 # command to build the whole tree (~0.1 s, a third of `ask`'s budget), so `llmserve ask` and
 # `llmserve --version` do not build the tree at all.
@@ -1387,7 +1444,11 @@ def main() -> None:
         if command is not None:
             alone = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
             alone.command()(command)
-            alone(args=args[1:], prog_name=f"llmserve {args[0]}")
+            values = _plain_values(alone, command, args[1:])
+            if values is None:
+                alone(args=args[1:], prog_name=f"llmserve {args[0]}")
+            else:
+                _run_plain(command, values)
             return
         app()
     except KeyboardInterrupt:  # pragma: no cover
