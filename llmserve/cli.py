@@ -1250,8 +1250,15 @@ def embed(
                                                pooling=pooling,  # type: ignore[arg-type]
                                                ctx_size=ctx_size)
         else:
-            vectors = embed_client.embed_remote(embed_client.base_url(url), inputs,
-                                                model=model, api_key=api_key)
+            from llmserve.client import Client
+
+            client = Client.connect(url, api_key)
+            try:
+                vectors = embed_client.embed_remote(client, inputs, model=model)
+            finally:
+                client.close()
+    except ClientError as exc:
+        fail(exc.message, exc.exit_code)
     except LlmserveError as exc:
         fail(exc.message)
     embed_client.write(vectors, output_format, sys.stdout.buffer)

@@ -1,70 +1,37 @@
-"""What ``llmserve embed`` runs: vectors for texts from a running server (POST /v1/embeddings)
-or from a GGUF loaded in this process, and their output as JSON lines or a .npy array.
-
-The HTTP part is small on purpose: the coordinator folds it into llmserve/client.py (the client
-every client command shares) when that lands.
-"""
+"""What ``llmserve embed`` runs: vectors for texts from a running server (POST /v1/embeddings,
+through llmserve.client, the client every client command shares) or from a GGUF loaded in this
+process, and their output as JSON lines or a .npy array."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
+from llmserve.client import Client
 from llmserve.engine.pooling import Pooling
-from llmserve.errors import InvalidRequest, LlmserveError
+from llmserve.errors import InvalidRequest
 
-DEFAULT_URL = "http://127.0.0.1:8080"
 # inputs per request: keeps each body well under the server's default 4 MB limit
 CHUNK = 128
 
 
-class ClientError(LlmserveError):
-    """The server answered with an error, or could not be reached (CLI only)."""
-
-    code = "client_error"
-
-
-def base_url(url: str | None) -> str:
-    """--url, else LLMSERVE_URL, else the default port on loopback; without a trailing /v1."""
-    value = (url or os.environ.get("LLMSERVE_URL") or DEFAULT_URL).rstrip("/")
-    return value.removesuffix("/v1")
-
-
-def embed_remote(url: str, texts: Sequence[str], *, model: str | None = None,
-                 api_key: str | None = None, timeout: float = 600.0) -> np.ndarray:
-    """Unit-length vectors (n_texts, n_embd) from a server's /v1/embeddings."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def embed_remote(client: Client, texts: Sequence[str], *, model: str | None = None
+                 ) -> np.ndarray:
+    """Unit-length vectors (n_texts, n_embd) from the server's /v1/embeddings. Raises the
+    client's errors (ServerUnreachable, ServerError, ...), each with its exit code."""
     rows: list[list[float]] = []
-    with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
-        for start in range(0, len(texts), CHUNK):
-            body: dict[str, object] = {"input": list(texts[start:start + CHUNK])}
-            if model:
-                body["model"] = model
-            try:
-                response = client.post("/v1/embeddings", json=body)
-            except httpx.HTTPError as exc:
-                raise ClientError(f"cannot reach {url}: {exc}") from None
-            if response.status_code != 200:
-                raise ClientError(f"{url}/v1/embeddings answered {response.status_code}: "
-                                  f"{_message(response.text)}")
-            rows.extend(item["embedding"] for item in response.json()["data"])
+    for start in range(0, len(texts), CHUNK):
+        body: dict[str, object] = {"input": list(texts[start:start + CHUNK])}
+        if model:
+            body["model"] = model
+        rows.extend(item["embedding"] for item in client.post("/v1/embeddings", body)["data"])
     return np.asarray(rows, dtype=np.float32)
-
-
-def _message(text: str) -> str:
-    try:
-        return str(json.loads(text)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return text.strip()[:500]
 
 
 def embed_local(path: Path, texts: Sequence[str], *, pooling: Pooling | None = None,

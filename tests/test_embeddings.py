@@ -311,26 +311,27 @@ def test_lmstudio_lists_an_embedding_model_as_such(api: TestClient) -> None:
 # -- `llmserve embed` without a server -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["--url", "http://127.0.0.1:1", "hello"], "cannot reach"),
-    (["--format", "xml", "hello"], "--format"),
-    (["--model", "x.gguf", "--pooling", "max", "hello"], "--pooling"),
-    (["--model", "/nonexistent/x.gguf", "hello"], "not found"),
+@pytest.mark.parametrize(("args", "says", "code"), [
+    # as every client command: 2 when no server answers (the shared client's exit codes)
+    (["--url", "http://127.0.0.1:1", "hello"], "no server answers", 2),
+    (["--format", "xml", "hello"], "--format", 1),
+    (["--model", "x.gguf", "--pooling", "max", "hello"], "--pooling", 1),
+    (["--model", "/nonexistent/x.gguf", "hello"], "not found", 1),
 ], ids=["unreachable", "format", "pooling", "missing-file"])
-def test_embed_cli_errors_are_one_line(args: list[str], says: str) -> None:
+def test_embed_cli_errors_are_one_line(args: list[str], says: str, code: int) -> None:
     from typer.testing import CliRunner
 
     from llmserve import cli
 
     r = CliRunner().invoke(cli.app, ["embed", *args])
-    assert r.exit_code == 1
+    assert r.exit_code == code
     assert says in r.output and "Traceback" not in r.output
 
 
 def test_embed_client_formats() -> None:
     import io
 
-    from llmserve.embed_client import base_url, write
+    from llmserve.embed_client import write
 
     rows = np.array([[1.0, 0.0], [0.6, 0.8]], dtype=np.float32)
     out = io.BytesIO()
@@ -339,4 +340,3 @@ def test_embed_client_formats() -> None:
     out = io.BytesIO()
     write(rows, "npy", out)
     assert np.array_equal(np.load(io.BytesIO(out.getvalue())), rows)
-    assert base_url("http://h:1/v1/") == "http://h:1"

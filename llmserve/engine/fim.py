@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 # llama-server separates extra chunks this way when the vocabulary has no FIM_SEP token.
 CHUNK_SEPARATOR = "\n\n--- snippet ---\n\n"
-# llama-server's placeholders (its TODOs: the project and current file are not inputs yet)
+# the fixed project and file names llama-server's /infill writes (its API takes neither)
 PROJECT = "myproject\n"
 CURRENT_FILE = "filename\n"
 
