@@ -1,3 +1,3 @@
-from llmserve.cli import main
+from llmserve.entry import main
 
 main()

