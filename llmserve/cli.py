@@ -30,7 +30,6 @@ from llmserve.errors import ClientError, LlmserveError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from llmserve.batch_client import BatchClient
     from llmserve.client import Client
     from llmserve.config import ModelSpec, Settings
     from llmserve.engine.types import EngineProtocol, ModelInfo
@@ -1236,10 +1235,10 @@ def batch_submit(
                                         "--wait.")] = 0.5,
 ) -> None:
     """Upload FILE and start a batch; print its id (--wait: its results; exit 1 if lines failed)."""
-    from llmserve.batch_client import endpoint_of
+    from llmserve.batch_client import endpoint_of, submit
 
     with _batch_client(url, api_key) as client:
-        batch = client.submit(file, endpoint or endpoint_of(file))
+        batch = submit(client, file, endpoint or endpoint_of(file))
         if not wait:
             print(batch["id"])
             return
@@ -1257,9 +1256,10 @@ def batch_status(
 ) -> None:
     """A batch's status and counts."""
     import json
+    from urllib.parse import quote
 
     with _batch_client(url, api_key) as client:
-        batch = client.batch(batch_id)
+        batch = client.get(f"/v1/batches/{quote(batch_id, safe='')}")
     if json_output:
         print(json.dumps(batch, indent=2))
         return
@@ -1275,8 +1275,10 @@ def batch_results(
     api_key: ApiKeyOption = None,
 ) -> None:
     """Print a finished batch's output, then error lines (JSONL); exit 1 if lines failed."""
+    from urllib.parse import quote
+
     with _batch_client(url, api_key) as client:
-        batch = client.batch(batch_id)
+        batch = client.get(f"/v1/batches/{quote(batch_id, safe='')}")
         if batch["status"] not in ("completed", "cancelled", "failed", "expired"):
             fail(f"batch {batch_id} is {batch['status']}: wait for it "
                  f"(`llmserve batch status {batch_id}`)")
@@ -1284,19 +1286,19 @@ def batch_results(
 
 
 @contextlib.contextmanager
-def _batch_client(url: str | None, api_key: str | None) -> Iterator[BatchClient]:
-    from llmserve.batch_client import BatchClient, BatchClientError
+def _batch_client(url: str | None, api_key: str | None) -> Iterator[Client]:
+    from llmserve.client import Client
 
-    client = BatchClient.connect(url, api_key)
+    client = Client.connect(url, api_key)
     try:
         yield client
-    except BatchClientError as exc:
-        fail(str(exc))
+    except ClientError as exc:
+        fail(exc.message, exc.exit_code)
     finally:
         client.close()
 
 
-def _wait(client: BatchClient, batch: dict[str, Any], poll: float) -> dict[str, Any]:
+def _wait(client: Client, batch: dict[str, Any], poll: float) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
     from llmserve.batch_client import FINAL
@@ -1308,15 +1310,17 @@ def _wait(client: BatchClient, batch: dict[str, Any], poll: float) -> dict[str, 
         task = progress.add_task(batch["status"], total=total)
         while batch["status"] not in FINAL:
             time.sleep(poll)
-            batch = client.batch(batch["id"])
+            batch = client.get(f"/v1/batches/{batch['id']}")
             counts = batch["request_counts"]
             progress.update(task, completed=counts["completed"] + counts["failed"],
                             description=batch["status"])
     return batch
 
 
-def _print_results(client: BatchClient, batch: dict[str, Any]) -> None:
-    for line in client.results(batch):
+def _print_results(client: Client, batch: dict[str, Any]) -> None:
+    from llmserve.batch_client import results
+
+    for line in results(client, batch):
         print(line)
     sys.stdout.flush()
     counts = batch["request_counts"]

@@ -15,8 +15,10 @@ import http.client
 import json
 import os
 import urllib.parse
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from llmserve.errors import ClientError, ModelUnavailable, ServerError, ServerUnreachable
@@ -43,13 +45,17 @@ class RawResponse(Protocol):
         ...
 
 
+# A request body: bytes, or pieces sent one after another (a file streamed from disk).
+Body = bytes | Iterable[bytes]
+
+
 class Transport(Protocol):
     """How requests reach a server: over HTTP (``HttpTransport``) or in-process
     (``local.LocalTransport``)."""
 
     description: str
 
-    def open(self, method: str, path: str, body: bytes | None,
+    def open(self, method: str, path: str, body: Body | None,
              headers: Mapping[str, str]) -> RawResponse:
         """Send a request and return once the status is known; raise ServerUnreachable."""
         ...
@@ -89,7 +95,7 @@ class HttpTransport:
         self._prefix = parts.path.rstrip("/").removesuffix("/v1")
         self.description = f"{parts.scheme}://{parts.netloc}"
 
-    def open(self, method: str, path: str, body: bytes | None,
+    def open(self, method: str, path: str, body: Body | None,
              headers: Mapping[str, str]) -> RawResponse:
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=CONNECT_TIMEOUT)
@@ -132,14 +138,17 @@ class Client:
                    keys[0] if keys else None)
 
     def _open(self, method: str, path: str, body: object | None) -> RawResponse:
-        headers = {"Accept": "application/json, text/event-stream"}
-        data = None
-        if body is not None:
-            try:
-                data = json.dumps(body, allow_nan=False).encode()
-            except ValueError:
-                raise ClientError("a request value is not a finite number (nan or inf)") from None
-            headers["Content-Type"] = "application/json"
+        if body is None:
+            return self._send(method, path, None, {})
+        try:
+            data = json.dumps(body, allow_nan=False).encode()
+        except ValueError:
+            raise ClientError("a request value is not a finite number (nan or inf)") from None
+        return self._send(method, path, data, {"Content-Type": "application/json"})
+
+    def _send(self, method: str, path: str, data: Body | None,
+              headers: Mapping[str, str]) -> RawResponse:
+        headers = {"Accept": "application/json, text/event-stream", **headers}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         resp = self.transport.open(method, path, data, headers)
@@ -153,16 +162,7 @@ class Client:
 
     def request(self, method: str, path: str, body: object | None = None) -> Any:
         """One JSON request; the decoded JSON answer."""
-        resp = self._open(method, path, body)
-        try:
-            raw = b"".join(resp.chunks())
-        finally:
-            resp.close()
-        try:
-            return json.loads(raw) if raw.strip() else None
-        except ValueError:
-            raise ServerError(f"the server answered {method} {path} with something that is not "
-                              f"JSON: {raw[:200]!r}") from None
+        return _json(self._open(method, path, body), method, path)
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -176,8 +176,51 @@ class Client:
         generation and frees its slot."""
         return EventStream(self._open("POST", path, body))
 
+    def upload(self, path: str, file: Path, fields: Mapping[str, str]) -> Any:
+        """POST ``file`` (streamed from disk) and ``fields`` as multipart/form-data, as
+        ``/v1/files`` takes them; the decoded JSON answer."""
+        boundary = f"llmserve-{uuid.uuid4().hex}"
+        head = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+            f"{value}\r\n".encode() for name, value in fields.items())
+        filename = file.name.replace('"', "%22")
+        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                 f'filename="{filename}"\r\nContent-Type: application/jsonl\r\n\r\n'
+                 ).encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        try:
+            size = file.stat().st_size
+            f = open(file, "rb")  # noqa: SIM115 (closed below, after the body was sent)
+        except OSError as exc:
+            raise ClientError(f"cannot read {file}: {exc.strerror or exc}") from None
+        with f:
+            resp = self._send("POST", path, _pieces(head, f, tail), {
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+                "Content-Length": str(len(head) + size + len(tail))})
+        return _json(resp, "POST", path)
+
+    def lines(self, path: str) -> Iterator[bytes]:
+        """GET ``path`` and yield its body's non-empty lines as they arrive."""
+        resp = self._send("GET", path, None, {})
+        try:
+            buffer = b""
+            for chunk in resp.chunks():
+                buffer += chunk
+                *done, buffer = buffer.split(b"\n")
+                yield from (line for line in done if line.strip())
+            if buffer.strip():
+                yield buffer
+        finally:
+            resp.close()
+
     def close(self) -> None:
         self.transport.close()
+
+
+def _pieces(head: bytes, f: Any, tail: bytes) -> Iterator[bytes]:
+    yield head
+    yield from iter(lambda: f.read(1 << 16), b"")
+    yield tail
 
 
 class EventStream:
@@ -216,6 +259,18 @@ class EventStream:
             yield _event(b"\n".join(data))
 
 
+def _json(resp: RawResponse, method: str, path: str) -> Any:
+    try:
+        raw = b"".join(resp.chunks())
+    finally:
+        resp.close()
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except ValueError:
+        raise ServerError(f"the server answered {method} {path} with something that is not "
+                          f"JSON: {raw[:200]!r}") from None
+
+
 def _event(payload: bytes) -> dict[str, Any]:
     try:
         event = json.loads(payload)
@@ -250,4 +305,5 @@ def _error(status: int, raw: bytes) -> ClientError:
     return ServerError(f"{prefix}: {message}", http_status=status, error_code=code)
 
 
-__all__ = ["DEFAULT_URL", "Client", "EventStream", "HttpTransport", "RawResponse", "Transport"]
+__all__ = ["DEFAULT_URL", "Body", "Client", "EventStream", "HttpTransport", "RawResponse",
+           "Transport"]

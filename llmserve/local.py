@@ -23,6 +23,7 @@ from llmserve.errors import ServerError
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
+    from llmserve.client import Body
     from llmserve.config import ModelSpec
     from llmserve.engine.types import EngineProtocol
 
@@ -88,8 +89,10 @@ class LocalTransport:
         finally:
             self._loop.close()
 
-    def open(self, method: str, path: str, body: bytes | None,
+    def open(self, method: str, path: str, body: Body | None,
              headers: Mapping[str, str]) -> _LocalResponse:
+        if body is not None and not isinstance(body, bytes):
+            body = b"".join(body)
         messages: queue.Queue[_Message] = queue.Queue()
         gone = threading.Event()
         disconnected: list[asyncio.Event] = []

@@ -445,3 +445,61 @@ def test_repl_reports_errors_and_keeps_going(local: Client, engine: FakeEngine,
     assert output.count("error:") == 3
     assert "temperature" in output and "Hello, world!" in output
     assert len(engine.requests) == 1  # the refused turn was not sent on
+
+
+# -- llmserve batch (over the same client) -------------------------------------------------------
+
+
+@pytest.fixture
+def served_store(engine: FakeEngine, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+    """Every client command reaches an in-process app that has a data dir (Files, Batches)."""
+    from llmserve.registry import ModelHost
+    from llmserve.server.app import create_app
+    from llmserve.store import Store
+
+    host = ModelHost(lambda spec: engine, max_queue=4, engine=engine)
+    client = Client(LocalTransport(create_app(host, store=Store(tmp_path / "data"))))
+    monkeypatch.setattr(Client, "connect", classmethod(lambda cls, url=None, api_key=None: client))
+    monkeypatch.setattr(client, "close", lambda: None)
+    yield client
+    client.transport.close()
+
+
+def test_batch_submit_wait_uploads_the_file_and_prints_every_result(
+    served_store: Client, tmp_path: Path,
+) -> None:
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 2}}
+             for i in range(5)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = runner.invoke(cli.app, ["batch", "submit", str(path), "--wait", "--poll", "0.05"])
+    assert r.exit_code == 0, r.output
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == [f"q{i}" for i in range(5)]
+    assert all(o["response"]["status_code"] == 200 for o in out)
+    batch_id = out[0]["id"] and served_store.get("/v1/batches")["data"][0]["id"]
+    r = runner.invoke(cli.app, ["batch", "status", batch_id])
+    assert r.exit_code == 0 and "completed" in r.stdout and "5/5 done" in r.stdout
+    r = runner.invoke(cli.app, ["batch", "results", batch_id])
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 5
+
+
+def test_batch_errors_are_the_clients_exit_codes(served_store: Client, tmp_path: Path) -> None:
+    r = runner.invoke(cli.app, ["batch", "status", "batch_nope"])
+    assert r.exit_code == 3 and "batch_nope" in r.stderr  # the server's 404
+    r = runner.invoke(cli.app, ["batch", "status", "a b/../c"])  # quoted into one path segment
+    assert r.exit_code == 3 and "404" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    r = runner.invoke(cli.app, ["batch", "submit", str(bad)])
+    assert r.exit_code == 3 and "line 1" in r.stderr
+    r = runner.invoke(cli.app, ["batch", "submit", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code != 0
+
+
+def test_batch_with_the_server_down_exits_2() -> None:
+    r = runner.invoke(cli.app, ["batch", "status", "batch_x", "--url",
+                                f"http://127.0.0.1:{free_port()}"])
+    assert r.exit_code == 2 and "llmserve run" in r.stderr

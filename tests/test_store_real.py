@@ -183,7 +183,7 @@ def test_batch_submit_wait_prints_every_result(start: Start, tmp_path: Path) -> 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"custom_id": "a"}\n')
     refused = cli(server, "submit", str(bad))
-    assert refused.returncode == 1 and "line 1" in refused.stderr
+    assert refused.returncode == 3 and "line 1" in refused.stderr  # the server refused it
 
 
 @pytest.mark.timeout(600)
