@@ -324,7 +324,9 @@ async def test_queued_client_that_leaves_never_runs(make_app: Callable[..., Star
 async def test_health_and_models_answer_while_requests_wait(
     make_app: Callable[..., Starlette],
 ) -> None:
-    engine = FakeEngine(parallel=1, script=Script(tokens=["x"] * 20, delay=0.02))
+    # each answer takes 1 s: an event loop blocked by a waiting request would hold these
+    # reads at least that long
+    engine = FakeEngine(parallel=1, script=Script(tokens=["x"] * 20, delay=0.05))
     app = make_app(engine, max_queue=4)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -338,6 +340,7 @@ async def test_health_and_models_answer_while_requests_wait(
         elapsed = loop.time() - t0
         assert health.json()["status"] == "ok" and health.json()["queued"] >= 1
         assert models.status_code == 200
-        # a behaviour check, not a benchmark: waiting requests must not block the loop
-        assert elapsed < 0.1
+        # a behaviour check, not a benchmark: waiting requests must not block the loop (the
+        # margin is for a loaded CI machine)
+        assert elapsed < 0.5
         await asyncio.gather(*busy)
