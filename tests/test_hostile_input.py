@@ -237,8 +237,8 @@ def test_every_json_dumps_in_the_server_refuses_nan() -> None:
                 allow_nan = next((k.value for k in node.keywords if k.arg == "allow_nan"), None)
                 if not (isinstance(allow_nan, ast.Constant) and allow_nan.value is False):
                     offenders.append(f"{path.relative_to(root)}:{node.lineno}")
-    # what is not sent to a client: log lines, the CLI's own output (cli.py, ask.py), the chat template's
-    # tojson (text inside the prompt), the JSON schema handed to the grammar converter
+    # what is not sent to a client: log lines, the CLI's own output (cli.py, ask.py), the chat
+    # template's tojson (text inside the prompt), the JSON schema handed to the grammar converter
     not_sent = {"server/access.py", "cli.py", "ask.py", "engine/chat_template.py",
                 "engine/sampling.py"}
     assert [o for o in offenders if o.split(":")[0] not in not_sent] == []
