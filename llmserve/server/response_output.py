@@ -105,6 +105,12 @@ class ResponseOutput:
         """The events for ``pieces``: a piece continues the open item when it is of its kind
         (the same call, for arguments), else that item is done and a new one is added."""
         events: list[Event] = []
+        last = self._items[-1] if self._items else None
+        if last is not None and last.kind == "function_call":
+            # One update can end the open call and bring text after it, the text first
+            # (ToolStream reports content before calls): the call's arguments go first.
+            pieces = sorted(pieces, key=lambda p: not (
+                isinstance(p, CallArguments) and self._calls.get(p.index) is last))
         for piece in pieces:
             if isinstance(piece, CallStart):
                 item = self._open("function_call", "fc", events)

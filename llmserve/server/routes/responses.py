@@ -81,7 +81,7 @@ class Turn:
 
     def context(self, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """What the next turn starts from: everything before, this input, this answer."""
-        return [*self.history, *chat_messages([*self.items, *output])]
+        return [*self.history, *chat_messages(self.items), *chat_messages(output)]
 
     def body(self, status: str, output: list[dict[str, Any]] | None = None, *,
              usage: dict[str, Any] | None = None, error: LlmserveError | None = None,
