@@ -20,6 +20,7 @@ from llmserve.server.options import ServerOptions
 from llmserve.store import Store
 from tests.conftest import requires_llama_cpp
 from tests.fakes import FakeEngine, Script
+from tests.polling import wait_until
 
 WEATHER: dict[str, Any] = {
     "type": "function", "name": "get_weather", "description": "Weather in a city",
@@ -182,6 +183,14 @@ def test_calls_and_outputs_sent_as_input_items(sdk: OpenAI, engine: FakeEngine) 
     stored = list(sdk.responses.input_items.list(r.id, order="asc"))
     assert [i.type for i in stored] == ["message", "reasoning", "function_call", "function_call",
                                         "function_call_output", "function_call_output"]
+
+
+def test_a_background_response_calls_too(sdk: OpenAI, engine: FakeEngine) -> None:
+    engine.script = Script(tokens=GENERIC_CALL)
+    r = sdk.responses.create(model="m", input="Weather?", tools=[WEATHER], background=True)  # type: ignore[list-item]
+    wait_until(lambda: sdk.responses.retrieve(r.id).status == "completed", timeout=10,
+               what="the background response")
+    assert _calls(sdk.responses.retrieve(r.id)) == [("get_weather", {"city": "Paris"})]
 
 
 def test_tool_choice_none_renders_no_tools(sdk: OpenAI, engine: FakeEngine) -> None:
