@@ -166,16 +166,17 @@ def test_input_items_delete_and_unknown_ids(sdk: OpenAI) -> None:
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
      "input[0].content"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "o"}]}, "input[0]"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "o"}]},
+     "input[0].call_id"),
     ({"input": "x", "temperature": -1}, "temperature"),
     ({"input": "x", "background": True, "stream": True}, "stream"),
     ({"input": "x", "background": True, "store": False}, "background"),
     ({}, "input"),
-], ids=["tools", "tool_choice", "image", "function_call_output", "temperature",
+], ids=["web-search-tool", "tool_choice", "image", "function_call_output", "temperature",
         "background-stream", "background-unstored", "no-input"])
 def test_refused_requests_are_400s_naming_the_field(
         open_client: OpenClient, engine: FakeEngine, body: dict[str, Any], param: str) -> None:

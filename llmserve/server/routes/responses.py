@@ -8,29 +8,34 @@ message and, as in OpenAI's API, are not carried to the next turn. The conversat
 with the model's chat template, so a follow-up turn's prompt starts with the previous one and
 the slots' prefix cache serves it (``usage.input_tokens_details.cached_tokens``).
 
-Output items are built by ``Turn``: today one ``message`` with one ``output_text`` part;
-``function_call`` items join the same ``output`` list when function tools land.
+Function tools (``tools``, ``tool_choice``, ``parallel_tool_calls``) and the reasoning split go
+through ChatPlan, as on /v1/chat/completions; the answer's pieces become output items
+(``reasoning``, ``message``, ``function_call``: server/response_output.py). Input items
+``function_call`` and ``function_call_output`` become an assistant message's ``tool_calls`` and
+``tool`` messages, so a client runs its tools and sends their outputs with
+``previous_response_id``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import InitVar, dataclass, field
+from typing import Any, Literal
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmserve.engine.types import EngineProtocol, Finish, TokenEvent
+from llmserve.engine.types import Finish, TokenEvent
 from llmserve.errors import InvalidRequest, LlmserveError, NotFound, StoreDisabled
 from llmserve.ids import object_id
 from llmserve.params import Params, normalise
 from llmserve.protocol import openai as oa
 from llmserve.protocol import responses as rp
 from llmserve.server import sse
+from llmserve.server.chat_plan import ChatDefaults, ChatPlan
 from llmserve.server.errors import error_payload
 from llmserve.server.generation import (
     Generation,
@@ -41,6 +46,7 @@ from llmserve.server.generation import (
     start,
 )
 from llmserve.server.requests import parse
+from llmserve.server.response_output import Event, ResponseOutput, chat_messages
 from llmserve.server.state import AppState
 from llmserve.store import Store
 
@@ -59,67 +65,92 @@ class Turn:
     items: list[dict[str, Any]]
     history: list[dict[str, Any]]
     stored: bool
+    defaults: InitVar[ChatDefaults]
+    plan: ChatPlan = field(init=False)
     model: str = ""
-    message_id: str = field(default_factory=lambda: object_id("msg"))
+
+    def __post_init__(self, defaults: ChatDefaults) -> None:
+        """The tools, tool_choice and conversation checked (400 before any token)."""
+        self.plan = chat_plan(self.req, self.messages(), defaults)
 
     def messages(self) -> list[dict[str, Any]]:
         """The conversation for the chat template."""
         system = ([{"role": "system", "content": self.req.instructions}]
                   if self.req.instructions else [])
-        return [*system, *self.history, *(_as_message(i) for i in self.items)]
+        return [*system, *self.history, *chat_messages(self.items)]
 
-    def context(self, text: str) -> list[dict[str, Any]]:
+    def context(self, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """What the next turn starts from: everything before, this input, this answer."""
-        return [*self.history, *(_as_message(i) for i in self.items),
-                {"role": "assistant", "content": text}]
+        return [*self.history, *chat_messages(self.items), *chat_messages(output)]
 
     def body(self, status: str, output: list[dict[str, Any]] | None = None, *,
              usage: dict[str, Any] | None = None, error: LlmserveError | None = None,
              incomplete: str | None = None) -> dict[str, Any]:
         client = self.params.client
+        req = self.req
         return {
             "id": self.id,
             "object": "response",
             "created_at": self.created_at,
             "status": status,
-            "background": self.req.background,
+            "background": req.background,
             "error": None if error is None else {"code": error.code or error.type,
                                                  "message": error.message},
             "incomplete_details": None if incomplete is None else {"reason": incomplete},
-            "instructions": self.req.instructions,
-            "max_output_tokens": self.req.max_output_tokens,
-            "model": self.model or self.req.model or "",
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "model": self.model or req.model or "",
             "output": output or [],
-            "parallel_tool_calls": True,
-            "previous_response_id": self.req.previous_response_id,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
             "store": self.stored,
             "temperature": client.get("temperature"),
-            "text": {"format": self.req.text_format()},
-            "tool_choice": "auto",
-            "tools": [],
+            "text": {"format": req.text_format()},
+            "tool_choice": "auto" if req.tool_choice is None else req.tool_choice,
+            "tools": req.tools or [],
             "top_p": client.get("top_p"),
             "truncation": "disabled",
             "usage": usage,
-            "user": self.req.user,
-            "metadata": self.req.metadata or {},
+            "user": req.user,
+            "metadata": req.metadata or {},
         }
 
-    def message(self, text: str, status: str) -> dict[str, Any]:
-        return {"id": self.message_id, "type": "message", "status": status,
-                "role": "assistant", "content": [] if status == "in_progress" else [
-                    _output_text(text)]}
+    def output(self, text: str, finish: Finish) -> ResponseOutput:
+        """The output items of a whole answer (as a stream of it would build them)."""
+        parsed = self.plan.output()
+        output = ResponseOutput()
+        output.add(parsed.feed(text))
+        output.add(parsed.finish())
+        self.plan.check(parsed.answer())
+        output.finish(_status(finish))
+        return output
 
-    def finished(self, text: str, finish: Finish) -> dict[str, Any]:
+    def finished(self, output: ResponseOutput, finish: Finish) -> dict[str, Any]:
         """The response object once the generation has ended with ``finish``."""
-        length = finish.reason == "length"
-        status = "incomplete" if length else "completed"
-        return self.body(status, [self.message(text, status)], usage=_usage(finish),
-                         incomplete="max_output_tokens" if length else None)
+        status = _status(finish)
+        return self.body(status, output.items(), usage=_usage(finish),
+                         incomplete="max_output_tokens" if status == "incomplete" else None)
 
 
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _status(finish: Finish) -> Literal["completed", "incomplete"]:
+    return "incomplete" if finish.reason == "length" else "completed"
+
+
+def chat_plan(req: rp.ResponsesRequest, messages: list[dict[str, Any]],
+              defaults: ChatDefaults) -> ChatPlan:
+    """ChatPlan for a Responses request: its tools in chat's shape, and errors about them
+    naming the fields as the Responses API spells them (``tools[0].name``, not
+    ``tools[0].function.name``)."""
+    try:
+        return ChatPlan(messages, defaults, tools=req.chat_tools(),
+                        tool_choice=req.chat_tool_choice(),
+                        parallel_tool_calls=req.parallel_tool_calls)
+    except InvalidRequest as exc:
+        if exc.param is not None and ".function." in exc.param:
+            exc.message = exc.message.replace(exc.param, exc.param.replace(".function.", "."))
+            exc.param = exc.param.replace(".function.", ".")
+        raise
 
 
 def _usage(finish: Finish) -> dict[str, Any]:
@@ -132,24 +163,38 @@ def _usage(finish: Finish) -> dict[str, Any]:
     }
 
 
-def _as_message(item: dict[str, Any]) -> dict[str, Any]:
-    return {"role": item["role"], "content": "".join(p["text"] for p in item["content"])}
-
-
-def input_items(req: rp.ResponsesRequest) -> list[dict[str, Any]]:
-    """This turn's input as stored items (each with an id), text only."""
+def input_items(req: rp.ResponsesRequest, history: list[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """This turn's input as stored items (each with an id), text only. A function call's
+    output must answer a call made before it (in ``history`` or earlier in the input)."""
     raw = [rp.MessageItem(role="user", content=req.input)] if isinstance(req.input, str) \
         else req.input
+    calls = {c["id"] for m in history for c in m.get("tool_calls") or []}
     items: list[dict[str, Any]] = []
     for i, item in enumerate(raw):
-        if not isinstance(item, rp.MessageItem):
-            raise InvalidRequest(
-                f"input items of type {item.type!r} are not supported by this server yet",
-                param=f"input[{i}]")
+        if isinstance(item, rp.FunctionCallItem):
+            calls.add(item.call_id)
+            items.append({"id": item.id or object_id("fc"), "type": "function_call",
+                          "status": "completed", "call_id": item.call_id, "name": item.name,
+                          "arguments": item.arguments})
+            continue
+        if isinstance(item, rp.ReasoningItem):
+            items.append({**item.model_dump(exclude_none=True), "id": item.id or object_id("rs")})
+            continue
         try:
             text = item.text()
         except ValueError as exc:
-            raise InvalidRequest(str(exc), param=f"input[{i}].content") from None
+            field_name = "content" if isinstance(item, rp.MessageItem) else "output"
+            raise InvalidRequest(str(exc), param=f"input[{i}].{field_name}") from None
+        if isinstance(item, rp.FunctionCallOutputItem):
+            if item.call_id not in calls:
+                raise InvalidRequest(
+                    f"invalid 'input[{i}].call_id': {item.call_id!r} matches no function call "
+                    "made before it (in this input or the previous response)",
+                    param=f"input[{i}].call_id")
+            items.append({"id": item.id or object_id("fco"), "type": "function_call_output",
+                          "status": "completed", "call_id": item.call_id, "output": text})
+            continue
         kind = "output_text" if item.role == "assistant" else "input_text"
         items.append({"id": object_id("msg"), "type": "message", "role": item.role,
                       "status": "completed", "content": [{"type": kind, "text": text}]})
@@ -169,9 +214,9 @@ def _stored(state: AppState, response_id: str, param: str | None = None) -> Any:
     return found
 
 
-def _save(state: AppState, turn: Turn, body: dict[str, Any], text: str) -> None:
+def _save(state: AppState, turn: Turn, body: dict[str, Any]) -> None:
     if turn.stored and state.store is not None:
-        state.store.put_response(body, turn.items, turn.context(text))
+        state.store.put_response(body, turn.items, turn.context(body["output"]))
 
 
 async def create(request: Request) -> Response:
@@ -189,62 +234,56 @@ async def create(request: Request) -> Response:
     history: list[dict[str, Any]] = []
     if req.previous_response_id:
         history = _stored(state, req.previous_response_id, "previous_response_id").context
-    turn = Turn(object_id("resp"), oa.now(), req, params, input_items(req), history,
-                stored=req.store and state.store is not None)
-    messages = turn.messages()
-
-    def build(engine: EngineProtocol) -> list[int]:
-        return engine.tokenize(engine.format_chat(messages), add_special=True)
-
+    turn = Turn(object_id("resp"), oa.now(), req, params, input_items(req, history), history,
+                stored=req.store and state.store is not None, defaults=state.options.chat)
     if req.background:
         body = turn.body("queued")
-        _save(state, turn, body, "")
-        state.background[turn.id] = asyncio.ensure_future(_run_background(state, turn, build))
+        _save(state, turn, body)
+        state.background[turn.id] = asyncio.ensure_future(_run_background(state, turn))
         return JSONResponse(body)
-    gen = await start(state.host, build, params, limits=state.limits, running=state.running,
-                      owner=Owner.of(request))
+    gen = await start(state.host, turn.plan.build, params, limits=state.limits,
+                      running=state.running, owner=Owner.of(request),
+                      constrain=turn.plan.constrain)
     turn.model = gen.lease.engine.info.id
     if req.stream:
         return sse.EventStreamResponse(_events(state, turn, gen), on_close=gen.close)
     result = await collect_or_abandon(request, gen)
     if result is None:
         return Response(status_code=499)
-    body = turn.finished(result.text, result.finish)
-    _save(state, turn, body, result.text)
+    body = turn.finished(turn.output(result.text, result.finish), result.finish)
+    _save(state, turn, body)
     return JSONResponse(body)
 
 
 def _events(state: AppState, turn: Turn, gen: Generation) -> Any:
     """The typed event stream, in OpenAI's order, every event numbered."""
     numbers = itertools.count()
-    where = {"item_id": turn.message_id, "output_index": 0, "content_index": 0}
-    parts: list[str] = []
+    parsed = turn.plan.output()
+    output = ResponseOutput()
 
-    def event(kind: str, **fields: Any) -> bytes:
+    def event(fields: Event) -> bytes:
+        kind = fields["type"]
         return sse.event({"type": kind, "sequence_number": next(numbers), **fields}, name=kind)
 
     opening = [
-        event("response.created", response=turn.body("in_progress")),
-        event("response.in_progress", response=turn.body("in_progress")),
-        event("response.output_item.added", output_index=0,
-              item=turn.message("", "in_progress")),
-        event("response.content_part.added", **where, part=_output_text("")),
+        event({"type": "response.created", "response": turn.body("in_progress")}),
+        event({"type": "response.in_progress", "response": turn.body("in_progress")}),
     ]
 
     def token(ev: TokenEvent) -> bytes | None:
         if not ev.text:
             return None
-        parts.append(ev.text)
-        return event("response.output_text.delta", **where, delta=ev.text, logprobs=[])
+        return b"".join(event(e) for e in output.add(parsed.feed(ev.text))) or None
 
     def finish(fin: Finish) -> Iterable[bytes]:
-        text = "".join(parts)
-        body = turn.finished(text, fin)
-        _save(state, turn, body, text)
-        yield event("response.output_text.done", **where, text=text, logprobs=[])
-        yield event("response.content_part.done", **where, part=_output_text(text))
-        yield event("response.output_item.done", output_index=0, item=body["output"][0])
-        yield event(f"response.{body['status']}", response=body)
+        events = output.add(parsed.finish())
+        turn.plan.check(parsed.answer())
+        events += output.finish(_status(fin))
+        body = turn.finished(output, fin)
+        _save(state, turn, body)
+        for e in events:
+            yield event(e)
+        yield event({"type": f"response.{body['status']}", "response": body})
 
     def error(exc: Exception) -> bytes:
         failure = exc if isinstance(exc, LlmserveError) else None
@@ -252,27 +291,24 @@ def _events(state: AppState, turn: Turn, gen: Generation) -> Any:
             error_payload(exc)  # logs it
             failure = LlmserveError("internal server error; the server log has the details")
         body = turn.body("failed", error=failure)
-        _save(state, turn, body, "".join(parts))
-        return event("response.failed", response=body)
+        _save(state, turn, body)
+        return event({"type": "response.failed", "response": body})
 
     return relay(gen, token, finish, error, opening=opening)
 
 
-async def _run_background(state: AppState, turn: Turn,
-                          build: Callable[[EngineProtocol], list[int]]) -> None:
+async def _run_background(state: AppState, turn: Turn) -> None:
     """A background response: generated detached, written to the store as it moves."""
-    text = ""
     try:
-        gen = await start(state.host, build, turn.params, limits=state.limits,
-                          running=state.running)
+        gen = await start(state.host, turn.plan.build, turn.params, limits=state.limits,
+                          running=state.running, constrain=turn.plan.constrain)
         try:
             turn.model = gen.lease.engine.info.id
-            _save(state, turn, turn.body("in_progress"), "")
+            _save(state, turn, turn.body("in_progress"))
             result = await collect(gen.stream)
         finally:
             gen.close()
-        text = result.text
-        body = turn.finished(text, result.finish)
+        body = turn.finished(turn.output(result.text, result.finish), result.finish)
     except asyncio.CancelledError:
         body = turn.body("cancelled")
     except LlmserveError as exc:
@@ -282,7 +318,7 @@ async def _run_background(state: AppState, turn: Turn,
         body = turn.body("failed", error=LlmserveError("internal server error"))
     finally:
         state.background.pop(turn.id, None)
-    _save(state, turn, body, text)
+    _save(state, turn, body)
 
 
 def fail_unfinished(store: Store) -> None:
