@@ -20,6 +20,8 @@ Format = Literal["litellm", "nginx"]
 # LiteLLM's router settings for a fleet of equal replicas: send each request to the replica
 # with the fewest in flight, retry a failed call (a 503 from a full or draining replica, a
 # refused connection from a dead one) on another, and leave a failing replica alone for a while.
+# Retries only cover a call until its first chunk; a stream cut after that (its replica died)
+# is continued instead: see litellm_config.
 ROUTER_SETTINGS: dict[str, object] = {
     "routing_strategy": "least-busy",
     "num_retries": 3,
@@ -27,7 +29,13 @@ ROUTER_SETTINGS: dict[str, object] = {
     "cooldown_time": 30,
     "retry_after": 0,
     "timeout": 600,
+    "enable_mid_stream_fallback_continuation": True,
 }
+
+
+def continuation_group(model_name: str) -> str:
+    """The model group that continues ``model_name``'s cut streams: the same replicas."""
+    return f"{model_name}-continue"
 
 
 @dataclass(frozen=True)
@@ -87,25 +95,43 @@ def common_model(replicas: list[Replica]) -> str | None:
 def litellm_config(replicas: list[Replica], *, model: str, model_name: str,
                    api_key: str | None) -> str:
     """The LiteLLM proxy's config.yaml; its ``model_list`` and ``router_settings`` are also
-    exactly what ``litellm.Router(**...)`` takes."""
+    exactly what ``litellm.Router(**...)`` takes.
+
+    A stream whose replica dies after it sent some text cannot be retried (the client has the
+    text). With ``enable_mid_stream_fallback_continuation`` LiteLLM's Router continues it: it
+    sends a fallback deployment the messages plus the text so far as a trailing assistant
+    message with ``prefix: true`` (llmserve continues it: ``chat_plan.split_prefill``) and
+    splices the rest onto the client's stream. It does so only on a deployment whose
+    ``model_info`` says ``supports_assistant_prefill`` (its price list does not know our
+    models) and only through ``fallbacks``, which must name another group: a group listed as
+    its own fallback is not used (checked with litellm 1.110). So every replica appears twice,
+    the second time under ``continuation_group``.
+    """
+    continuation = continuation_group(model_name)
     lines = [
         f"# LiteLLM in front of {len(replicas)} llmserve replica(s) (llmserve router-config)",
         "# proxy: LITELLM_MASTER_KEY=sk-your-key litellm --config this.yaml --port 4000",
         "# Python: litellm.Router(model_list=cfg['model_list'], **cfg['router_settings'])",
         "model_list:",
     ]
-    for replica in replicas:
-        lines += [
-            f"  - model_name: {_scalar(model_name)}",
-            "    litellm_params:",
-            # openai/ = an OpenAI-compatible server; the part after it is sent as `model`
-            f"      model: {_scalar('openai/' + model)}",
-            f"      api_base: {_scalar(replica.url + '/v1')}",
-            f"      api_key: {_scalar(api_key or 'none')}",
-        ]
+    for group in (model_name, continuation):
+        for replica in replicas:
+            lines += [
+                f"  - model_name: {_scalar(group)}",
+                "    litellm_params:",
+                # openai/ = an OpenAI-compatible server; the part after it is sent as `model`
+                f"      model: {_scalar('openai/' + model)}",
+                f"      api_base: {_scalar(replica.url + '/v1')}",
+                f"      api_key: {_scalar(api_key or 'none')}",
+                "    model_info:",
+                "      supports_assistant_prefill: true",
+            ]
     lines.append("router_settings:")
     lines += [f"  {key}: {_scalar(value)}" for key, value in ROUTER_SETTINGS.items()]
     lines += [
+        "  # a stream cut after its first words goes on on the same replicas' -continue group",
+        # a JSON list is a YAML flow sequence
+        f"  fallbacks: {json.dumps([{model_name: [continuation]}], allow_nan=False)}",
         "general_settings:",
         "  # the key clients of the proxy send (the proxy refuses to start without one)",
         '  master_key: "os.environ/LITELLM_MASTER_KEY"',

@@ -38,13 +38,18 @@ def test_litellm_config_is_yaml_that_litellm_router_takes() -> None:
     text = rc.litellm_config(replicas, model="SmolLM2: 135M", model_name="smol",
                              api_key='k"ey')
     config: dict[str, Any] = yaml.safe_load(text)
-    assert [d["litellm_params"]["api_base"] for d in config["model_list"]] == [
-        "http://127.0.0.1:8081/v1", "http://127.0.0.1:8082/v1"]
+    # every replica twice: the group clients ask for, and the group that continues its streams
+    assert [(d["model_name"], d["litellm_params"]["api_base"]) for d in config["model_list"]] == [
+        ("smol", "http://127.0.0.1:8081/v1"), ("smol", "http://127.0.0.1:8082/v1"),
+        ("smol-continue", "http://127.0.0.1:8081/v1"),
+        ("smol-continue", "http://127.0.0.1:8082/v1")]
     for deployment in config["model_list"]:
-        assert deployment["model_name"] == "smol"
         assert deployment["litellm_params"]["model"] == "openai/SmolLM2: 135M"
         assert deployment["litellm_params"]["api_key"] == 'k"ey'
-    assert config["router_settings"] == rc.ROUTER_SETTINGS
+        assert deployment["model_info"] == {"supports_assistant_prefill": True}
+    assert config["router_settings"] == {**rc.ROUTER_SETTINGS,
+                                         "fallbacks": [{"smol": ["smol-continue"]}]}
+    assert config["router_settings"]["enable_mid_stream_fallback_continuation"] is True
     assert config["general_settings"]["background_health_checks"] is True
 
 
@@ -64,7 +69,7 @@ def test_router_config_without_check_prints_the_config() -> None:
     assert r.exit_code == 0, r.stderr
     config = yaml.safe_load(r.stdout)
     assert [d["litellm_params"]["api_base"] for d in config["model_list"]] == [
-        "http://127.0.0.1:8081/v1", "http://127.0.0.1:8082/v1"]
+        "http://127.0.0.1:8081/v1", "http://127.0.0.1:8082/v1"] * 2
     assert r.stderr == ""
 
 

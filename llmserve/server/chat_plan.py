@@ -1,4 +1,5 @@
-"""One chat request's tools, template options and reasoning split, from request to response.
+"""One chat request's tools, template options, assistant prefill and reasoning split, from
+request to response.
 
 A ChatPlan is made (and every field checked, so a bad one is a 400 before any token) when the
 request is read; ``build`` renders the prompt once the engine is known (the template decides
@@ -65,6 +66,35 @@ def template_kwargs(value: Any, param: str = "chat_template_kwargs") -> dict[str
     return dict(value)
 
 
+def split_prefill(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """The messages to render and the assistant prefill to continue (None: none).
+
+    As llama-server (and Ollama): a trailing assistant message with text and no tool calls is
+    the start of the answer, not a finished turn. The prompt is the template over the earlier
+    messages with the generation prompt, then that text; the model continues it and the answer
+    holds only the new text. ``prefix: true`` (Mistral's and DeepSeek's flag, which LiteLLM's
+    mid-stream continuation sends) says so explicitly and is refused anywhere else;
+    ``prefix: false`` on the trailing message renders it as a finished turn instead.
+    """
+    last = len(messages) - 1
+    for i, m in enumerate(messages):
+        flag = m.get("prefix")
+        if flag is None:
+            continue
+        param = f"messages[{i}].prefix"
+        if not isinstance(flag, bool):
+            raise InvalidRequest(f"invalid '{param}': must be true or false", param=param)
+        if flag and (i != last or m.get("role") != "assistant" or m.get("tool_calls")):
+            raise InvalidRequest(f"invalid '{param}': only the last message can be a prefix, and "
+                                 "only an assistant message without tool_calls", param=param)
+    if not messages:
+        return messages, None
+    tail = messages[-1]
+    if tail.get("role") != "assistant" or tail.get("tool_calls") or tail.get("prefix") is False:
+        return messages, None
+    return messages[:-1], tail.get("content") or ""
+
+
 def reasoning_format(value: Any, default: ReasoningFormat) -> ReasoningFormat:
     if value is None:
         return default
@@ -87,7 +117,7 @@ class ChatPlan:
         reasoning: Any = None,
     ) -> None:
         check_tool_messages(messages)
-        self.messages = template_messages(messages)
+        self.messages, self.prefill = split_prefill(template_messages(messages))
         self.tools: tuple[Tool, ...] = parse_tools(tools)
         self.choice: ToolChoice = parse_tool_choice(tool_choice, self.tools)
         if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
@@ -102,7 +132,8 @@ class ChatPlan:
 
     def render(self, engine: EngineProtocol) -> str:
         """The prompt text: the tools through the template when it speaks a tool format,
-        else the generic tool prompt in the system message."""
+        else the generic tool prompt in the system message; the assistant prefill after the
+        generation prompt."""
         template = engine.info.chat_template or ""
         messages = self.messages
         kwargs = dict(self.kwargs)
@@ -112,7 +143,7 @@ class ChatPlan:
                 messages = with_generic_prompt(messages, self.tools)
             else:
                 kwargs["tools"] = [dict(t.spec) for t in self.tools]
-        prompt = engine.format_chat(messages, **kwargs)
+        prompt = engine.format_chat(messages, **kwargs) + (self.prefill or "")
         self._splitter = ReasoningSplitter.plan(self.reasoning_format, template, prompt)
         return prompt
 
