@@ -11,10 +11,10 @@ Slots share one unified KV cache. A finished or cancelled slot keeps its cells a
 cache (as llama-server does: Stop then Regenerate reuses the prompt); idle caches are dropped
 when a decode finds no room. A waiting request joins only when its prompt fits beside what the
 running slots hold. If the running slots between them still fill the context, the most recently
-started one is preempted rather than failed: its cells are freed, it goes back to the head of
-the queue with its prompt and the tokens it has generated so far, and when room frees up it
-re-reads them and carries on where it stopped (vLLM's recompute preemption). A client sees a
-pause, never a stream cut short.
+started one (a background one first) is preempted rather than failed: its cells are freed, it
+goes back to the head of the queue with its prompt and the tokens it has generated so far, and
+when room frees up it re-reads them and carries on where it stopped (vLLM's recompute
+preemption). A client sees a pause, never a stream cut short.
 
 Background requests (batch lines) wait behind interactive ones, and give up their slot to one
 that finds every slot busy: the newest is preempted at once, its cells kept under a spare
