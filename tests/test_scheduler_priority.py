@@ -113,7 +113,7 @@ def spare_ids_empty(engine: Engine) -> bool:
 async def test_a_chat_takes_a_batch_lines_slot_and_the_line_resumes_without_reading_again(
     demo_model: Path, decodes: list[Decode],
 ) -> None:
-    async with loaded_engine(demo_model, n_ctx=2048, n_parallel=2, n_threads=1) as engine:
+    async with loaded_engine(demo_model, n_ctx=2048, n_parallel=2) as engine:
         assert engine.scheduler.model.n_seq_max == 4  # a spare sequence id per slot
         lines = [submit(engine, text, 300, background=True)
                  for text in ("Count: 1, 2, 3,", "List the letters: a, b, c,")]
@@ -146,7 +146,7 @@ async def test_parked_cells_give_way_when_the_context_fills_and_the_line_reads_a
     """512 cells: a 240-token line parked for a chat, another line and the chat outgrow what
     is left; the parked cells are dropped rather than anything failing, and the line re-reads
     its prompt and tokens when it resumes."""
-    async with loaded_engine(demo_model, n_ctx=512, n_parallel=2, n_threads=1) as engine:
+    async with loaded_engine(demo_model, n_ctx=512, n_parallel=2) as engine:
         long_prompt = engine.tokenize("The history of the sea. " * 80)[:240]
         short = submit(engine, "Count: 1, 2, 3,", 240, background=True)
         long = submit(engine, long_prompt, 16, background=True)
@@ -170,7 +170,7 @@ async def test_parked_cells_give_way_when_the_context_fills_and_the_line_reads_a
 async def test_a_parked_line_that_is_cancelled_frees_its_cells(
     demo_model: Path, decodes: list[Decode],
 ) -> None:
-    async with loaded_engine(demo_model, n_ctx=2048, n_parallel=2, n_threads=1) as engine:
+    async with loaded_engine(demo_model, n_ctx=2048, n_parallel=2) as engine:
         lines = [submit(engine, text, 200, background=True)
                  for text in ("Count: 1, 2, 3,", "List the letters: a, b, c,")]
         line_done = [asyncio.ensure_future(_drain(s)) for s in lines]
