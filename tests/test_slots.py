@@ -42,10 +42,12 @@ if TYPE_CHECKING:
 
 @contextlib.asynccontextmanager
 async def loaded_engine(model: Path, **options: Any) -> AsyncIterator[Engine]:
-    """The real engine on ``model``, loaded and closed off the event loop."""
+    """The real engine on ``model``, loaded and closed off the event loop; one thread unless
+    told otherwise (the CPU is shared: with a thread per core, llama.cpp's threads wait on
+    each other whenever another process runs, measured 14x slower under load)."""
     from llmserve.engine.engine import Engine
 
-    engine = await asyncio.to_thread(Engine.load, model, **options)
+    engine = await asyncio.to_thread(Engine.load, model, **{"n_threads": 1, **options})
     try:
         yield engine
     finally:

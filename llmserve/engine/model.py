@@ -219,7 +219,8 @@ def _llama_error_detail() -> str:
 
 
 class LoadedModel:
-    """A llama.cpp model plus one context with ``n_parallel`` sequences (one per slot).
+    """A llama.cpp model plus one context with a sequence per slot (``n_parallel``), and as
+    many spare ones where cells can be shared (``shares_cells``).
 
     The KV cache is unified: all sequences share ``n_ctx`` cells, so one long chat may use the
     whole context while the other slots are idle.
@@ -302,8 +303,20 @@ class LoadedModel:
         self.size_bytes = int(llama_cpp.llama_model_size(model))
         self.n_gpu_layers = n_gpu_layers
 
+        # Whether a prefix of a sequence's cache is a list of cells other sequences can share
+        # (llama_memory_seq_cp adds a sequence id to them). Not so for recurrent and hybrid
+        # models (a state, not per-position cells) nor sliding-window ones (cells expire).
+        self.shares_cells = not (
+            llama_cpp.llama_model_is_recurrent(model)
+            or llama_cpp.llama_model_is_hybrid(model)
+            or llama_cpp.llama_model_n_swa(model) > 0
+        )
         ctx_size = n_ctx if n_ctx > 0 else self.n_ctx_train
-        n_seq_max = n_parallel
+        # One sequence per slot and, where cells can be shared, as many spare ones: a batch
+        # line that yields its slot to a chat keeps its cells under a spare id (Scheduler
+        # ``_park``) instead of reading everything again when it resumes. In the unified KV
+        # cache a sequence id costs no memory; only the cells it holds do.
+        n_seq_max = 2 * n_parallel if self.shares_cells else n_parallel
         if embeddings:
             ctx_size, n_batch, n_seq_max = self._embedding_shape(ctx_size)
         else:

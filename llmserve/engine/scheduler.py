@@ -11,13 +11,21 @@ Slots share one unified KV cache. A finished or cancelled slot keeps its cells a
 cache (as llama-server does: Stop then Regenerate reuses the prompt); idle caches are dropped
 when a decode finds no room. A waiting request joins only when its prompt fits beside what the
 running slots hold. If the running slots between them still fill the context, the most recently
-started one is preempted rather than failed: its cells are freed, it goes back to the head of
-the queue with its prompt and the tokens it has generated so far, and when room frees up it
-re-reads them and carries on where it stopped (vLLM's recompute preemption). A client sees a
-pause, never a stream cut short. Batching is bit-exact while each sequence's cells sit in position
-order; after a slot's cache is trimmed and refilled, llama.cpp may place its new cells before
-old ones, and logits then move by up to ~1.6 (measured; see tests/test_real_samplers.py), so a
-greedy near-tie can flip. llama-server behaves the same.
+started one (a background one first) is preempted rather than failed: its cells are freed, it
+goes back to the head of the queue with its prompt and the tokens it has generated so far, and
+when room frees up it re-reads them and carries on where it stopped (vLLM's recompute
+preemption). A client sees a pause, never a stream cut short.
+
+Background requests (batch lines) wait behind interactive ones, and give up their slot to one
+that finds every slot busy: the newest is preempted at once, its cells kept under a spare
+sequence id (parked) so that it resumes without reading anything again. While an interactive
+prompt is read, the step holds no background work; so a running batch delays a chat's first
+token by at most the step that was in flight when it came.
+
+Batching is bit-exact while each sequence's cells sit in position order; after a slot's cache
+is trimmed and refilled, llama.cpp may place its new cells before old ones, and logits then
+move by up to ~1.6 (measured; see tests/test_real_samplers.py), so a greedy near-tie can flip.
+llama-server behaves the same.
 
 Events leave the worker in batches (``GenerationStream.push_all``): one wake-up of the event
 loop for all the slots' tokens of a step, and for a fast stream every STREAM_FLUSH_S rather
@@ -133,6 +141,10 @@ class _Job:
     next_token: int | None = None
     # the LoRA adapter set it runs with (fixed when it starts)
     adapters: AdapterSet = ()
+    # preempted to make room for an interactive request: the spare sequence id that keeps its
+    # cells meanwhile, holding the first ``n_parked`` tokens of ``to_read`` (see _park)
+    parked: int | None = None
+    n_parked: int = 0
 
 
 @dataclass
@@ -164,11 +176,11 @@ class Scheduler:
         self.lost = False
         self._batch = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         # whether a slot may start from cells another slot holds (see the module docstring)
-        self._share_prefixes = model.n_parallel > 1 and not (
-            llama_cpp.llama_model_is_recurrent(model.model)
-            or llama_cpp.llama_model_is_hybrid(model.model)
-            or llama_cpp.llama_model_n_swa(model.model) > 0
-        )
+        self._share_prefixes = model.n_parallel > 1 and model.shares_cells
+        # spare sequence ids (past the slots' own) -> the preempted background job whose cells
+        # they hold (see _park)
+        self._parked: dict[int, _Job] = {}
+        self._spare_ids = range(model.n_parallel, model.n_seq_max)
         # Only the slots being read may abort a decode, and only when all of them are cancelled.
         self._abortable: list[_Job] = []
         # decode time per batch token of recent prompt reads (None until one is seen)
@@ -370,7 +382,8 @@ class Scheduler:
             tokens = item.to_read if isinstance(item, _Job) else list(item.request.prompt_tokens)
             donors = self._donors(free)
             slot = choose_slot(free, tokens, donors)
-            reuse = max(common_prefix_len(slot.cached, tokens), longest_prefix(donors, tokens)[1])
+            reuse = max(common_prefix_len(slot.cached, tokens), longest_prefix(donors, tokens)[1],
+                        item.n_parked if isinstance(item, _Job) else 0)
             need = len(tokens) - reuse + 1
             if running and used + need > self.model.n_ctx:
                 break  # waits for a running slot to finish (or be preempted)
@@ -391,8 +404,9 @@ class Scheduler:
 
     def _yield_to_interactive(self) -> None:
         """An interactive request waiting with every slot busy takes the slot of the newest
-        background job (a batch line), which goes back behind it, to resume later: a batch
-        delays a chat by at most the step that frees the slot."""
+        background job (a batch line), which goes back behind it with its cells parked, to
+        resume later where it stopped: a batch delays a chat by at most the step that frees the
+        slot (and that step is not a re-read of a line preempted before: see _park)."""
         if not self._pending or _stream(self._pending[0]).request.background:
             return
         if any(s.job is None for s in self.slots):
@@ -400,7 +414,7 @@ class Scheduler:
         victims = [s for s in self.slots if s.job and s.job.stream.request.background]
         if victims:
             self._preempt(max(victims, key=lambda s: s.job.t_start if s.job else 0.0),
-                          "an interactive request needs its slot")
+                          "an interactive request needs its slot", park=True)
 
     def _free_cancelled(self) -> bool:
         """Finish the slots whose stream was cancelled; True if there were any."""
@@ -530,16 +544,62 @@ class Scheduler:
         return keep
 
     def _resume(self, slot: Slot, job: _Job) -> None:
-        """A preempted job takes a slot again: it re-reads what it had (its sampler, stop-string
-        state and output so far are kept), then samples on from where it stopped."""
-        job.n_fed = self._claim_prefix(slot, job.to_read, job.adapters)
+        """A preempted job takes a slot again: it gets back its parked cells or re-reads what
+        it had (its sampler, stop-string state and output so far are kept), then samples on
+        from where it stopped."""
+        if job.parked is not None:
+            job.n_fed = self._unpark(slot, job)
+        else:
+            job.n_fed = self._claim_prefix(slot, job.to_read, job.adapters)
         self._clear_kept(job.stream)
         slot.job = job
 
-    def _preempt(self, slot: Slot, why: str) -> None:
+    def _park(self, slot: Slot) -> None:
+        """Keep the cells of ``slot``'s job, which is being preempted, under a spare sequence
+        id, if one is free: when it resumes they move to its new slot, so it reads nothing
+        again. Re-reading would cost a step as long as a prompt read (measured: the step a
+        chat waits behind was the resumed line's ~35-token re-read, and a chat sent after
+        another preempted a line that had just resumed). Moving cells between sequence ids
+        only relabels them in the unified KV cache."""
+        job = slot.job
+        assert job is not None
+        spare = next((i for i in self._spare_ids if i not in self._parked), None)
+        if spare is None or not slot.cached:
+            return
+        llama_cpp.llama_memory_seq_cp(self.model.memory, slot.seq_id, spare, 0, -1)
+        self._parked[spare] = job
+        job.parked = spare
+        # the slot holds to_read's first tokens: all but the last sampled one, which is fed
+        # on resuming, or during a prompt read those read so far
+        job.n_parked = len(slot.cached)
+
+    def _unpark(self, slot: Slot, job: _Job) -> int:
+        """Move ``job``'s parked cells into ``slot`` (in place of its cache); return how many
+        of ``to_read`` they hold."""
+        assert job.parked is not None
+        memory = self.model.memory
+        llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(memory, job.parked, slot.seq_id, 0, -1)
+        slot.cached[:] = job.to_read[:job.n_parked]
+        slot.adapters = job.adapters
+        n = job.n_parked
+        self._drop_parked(job)
+        return n
+
+    def _drop_parked(self, job: _Job) -> None:
+        """Free ``job``'s parked cells (it resumes by re-reading, or it ended)."""
+        if job.parked is None:
+            return
+        llama_cpp.llama_memory_seq_rm(self.model.memory, job.parked, -1, -1)
+        del self._parked[job.parked]
+        job.parked = None
+        job.n_parked = 0
+
+    def _preempt(self, slot: Slot, why: str, *, park: bool = False) -> None:
         """Free ``slot``'s cells and put its job back at the head of the queue (a background
         job: at the head of the background ones), to re-read its prompt and generated tokens
-        when there is room again."""
+        when there is room again; with ``park``, to take its cells back instead where they
+        can be kept (see _park)."""
         job = slot.job
         assert job is not None
         if job.next_token is not None:
@@ -548,6 +608,8 @@ class Scheduler:
             job.next_token = None
         job.n_fed = 0
         self._release_kept(job.stream)  # taken again when it resumes
+        if park:
+            self._park(slot)
         llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
         slot.cached.clear()
         slot.job = None
@@ -574,6 +636,12 @@ class Scheduler:
         active = self._adapter_group([s for s in self.slots if s.job])
         if not active:
             return
+        if any(s.job and s.job.next_token is None and not s.job.stream.request.background
+               for s in active):
+            # An interactive prompt is being read: background slots wait out this step, so
+            # that neither their tokens nor a batch line's own prompt make it longer (a step's
+            # time grows with the tokens in it, and the chat's first token waits for it).
+            active = [s for s in active if s.job and not s.job.stream.request.background]
 
         batch = self._batch
         n = 0
@@ -639,10 +707,14 @@ class Scheduler:
 
         if rc != 0:
             self._decode_failed(rc, fed)
-            if rc == 1 and len(active) > 1:
+            running = [s for s in self.slots if s.job]
+            if rc == 1 and len(running) > 1:
                 # Still no room: the running slots fill the context between them. The newest
-                # waits for the others instead of failing; the rest go on next step.
-                self._preempt(max(active, key=lambda s: s.job.t_start if s.job else 0.0),
+                # waits for the others instead of failing (a background one first, also one
+                # that sat this step out); the rest go on next step.
+                victims = [s for s in running if s.job and s.job.stream.request.background]
+                self._preempt(max(victims or running,
+                                  key=lambda s: s.job.t_start if s.job else 0.0),
                               "context full")
             elif rc == 1:
                 self._finish(active[0], "error",
@@ -770,6 +842,7 @@ class Scheduler:
     def _end(self, job: _Job, reason: FinishReason, *, error: str | None = None,
              cause: LlmserveError | None = None) -> None:
         job.sampler.free()
+        self._drop_parked(job)
         self._refuse_forks(job.stream, reason, error=error, cause=cause)
         if reason in ("stop", "length"):
             rest = job.output.flush()
@@ -832,8 +905,11 @@ class Scheduler:
         GenerationStream.push_all(events)
 
     def _drop_idle_caches(self) -> bool:
-        """Free the cells idle slots keep as prompt caches; False when there were none."""
-        dropped = False
+        """Free the cells idle slots keep as prompt caches, and those parked for preempted
+        jobs (which then re-read on resuming); False when there were none."""
+        dropped = bool(self._parked)
+        for job in list(self._parked.values()):
+            self._drop_parked(job)
         for slot in self.slots:
             if slot.job is None and slot.cached:
                 llama_cpp.llama_memory_seq_rm(self.model.memory, slot.seq_id, -1, -1)
