@@ -99,6 +99,37 @@ def test_rank_pooling_needs_a_rank_head(ggufs: Path) -> None:
         Embedder.load(ggufs / "bert.gguf", n_ctx=512, pooling="rank")
 
 
+def test_demo_model_embeds_as_llama_cpp_python(demo_model: Path) -> None:
+    """The same context shape and the same decodes as ``Llama(embedding=True).embed``, hence
+    the same vectors: what bench/embeddings.py compares is then only the serving around them."""
+    import llama_cpp
+
+    from llmserve.engine.embedder import Embedder
+    from llmserve.engine.pooling import normalise
+
+    n_ctx = 128  # 32 texts of ~7 tokens: two decodes on each side
+    engine = Embedder.load(demo_model, n_ctx=n_ctx, n_threads=1, pooling="mean", n_gpu_layers=0)
+    llama = llama_cpp.Llama(
+        str(demo_model), embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+        n_threads=1, n_threads_batch=1, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+        flash_attn=False, n_gpu_layers=0, verbose=False)
+    try:
+        for read in (llama_cpp.llama_n_ctx, llama_cpp.llama_n_batch, llama_cpp.llama_n_ubatch,
+                     llama_cpp.llama_n_seq_max, llama_cpp.llama_n_threads_batch):
+            assert read(engine.model.ctx) == read(llama.ctx), read.__name__
+
+        async def run() -> list[np.ndarray]:
+            return await engine.embed([engine.tokenize(t) for t in TEXTS])
+
+        ours = np.array([normalise(v, 2) for v in asyncio.run(run())])
+        theirs = np.array(llama.embed(TEXTS, normalize=True))
+        assert ours.shape == theirs.shape == (len(TEXTS), 576)
+        assert np.allclose(ours, theirs, atol=1e-5)
+    finally:
+        llama.close()
+        engine.close()
+
+
 # -- behind `llmserve run` -----------------------------------------------------------------------
 
 
