@@ -426,7 +426,9 @@ def test_a_chat_resent_right_after_its_stream_is_dropped_reads_only_the_new_mess
     # new turn wait for the old one to end, whatever the slot choice
     server = start_server("--parallel", "2", "--ctx-size", "4096")
     messages = _chat_history(5)
-    body: dict[str, Any] = {"messages": messages, "max_tokens": 200, "temperature": 0,
+    # each turn ends with a user message (a trailing assistant message would be continued)
+    body: dict[str, Any] = {"messages": [*messages, {"role": "user", "content": "Go on."}],
+                            "max_tokens": 200, "temperature": 0,
                             "stream": True, "stream_options": {"include_usage": True}}
     resend = {**body, "max_tokens": 2,
               "messages": [*messages, {"role": "user", "content": "Which animal walked most?"}]}
