@@ -19,6 +19,7 @@ if os.environ.get("LLMSERVE_TEST_NO_LLAMA") == "1":
 os.environ["LLMSERVE_DATA_DIR"] = tempfile.mkdtemp(prefix="llmserve-test-data-")
 
 import pytest
+from openai import OpenAI
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -28,6 +29,7 @@ from llmserve.registry import ModelHost
 from llmserve.server.app import create_app
 from llmserve.server.generation import Limits
 from llmserve.server.options import ServerOptions
+from llmserve.store import Store
 from tests.fakes import FakeEngine
 
 
@@ -47,12 +49,36 @@ def make_app() -> Callable[..., Starlette]:
         max_loaded_models: int = 1,
         check: Callable[[ModelSpec], object] | None = None,
         options: ServerOptions | None = None,
+        store: Store | None = None,
     ) -> Starlette:
         host = ModelHost(loader, max_queue=max_queue, engine=engine, specs=specs,
                          max_loaded_models=max_loaded_models, check=check)
-        return create_app(host, limits=limits, options=options)
+        return create_app(host, limits=limits, options=options, store=store)
 
     return make
+
+
+OpenSdk = Callable[..., tuple[TestClient, OpenAI]]
+
+
+@pytest.fixture
+def open_sdk(make_app: Callable[..., Starlette], tmp_path: Path) -> Iterator[OpenSdk]:
+    """``open_sdk(engine, options=None, *, store=True)``: an app over ``engine`` (its data dir
+    ``tmp_path``, or none with ``store=False``) running, and the official openai SDK over it."""
+    opened: list[TestClient] = []
+
+    def open_(engine: FakeEngine, options: ServerOptions | None = None, *,
+              store: bool = True) -> tuple[TestClient, OpenAI]:
+        app = make_app(engine, options=options, store=Store(tmp_path) if store else None)
+        tc = TestClient(app, raise_server_exceptions=False)
+        tc.__enter__()
+        opened.append(tc)
+        return tc, OpenAI(base_url="http://testserver/v1", api_key="x", http_client=tc,
+                          max_retries=0)
+
+    yield open_
+    for tc in opened:
+        tc.__exit__(None, None, None)
 
 
 @pytest.fixture

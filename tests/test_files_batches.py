@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,12 @@ import pytest
 from openai import OpenAI
 from starlette.testclient import TestClient
 
-from llmserve.registry import ModelHost
-from llmserve.server.app import create_app
 from llmserve.server.options import ServerOptions
 from llmserve.store import SCHEMA_VERSION, Store
+from tests.conftest import OpenSdk
 from tests.fakes import FakeEngine, Script
 from tests.polling import wait_until
 
-Opener = Callable[..., tuple[TestClient, OpenAI]]
 CHAT = "/v1/chat/completions"
 
 
@@ -33,24 +30,6 @@ def chat_line(i: int, **body: Any) -> dict[str, Any]:
 
 def jsonl(lines: list[Any]) -> bytes:
     return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
-
-
-@pytest.fixture
-def open_app(tmp_path: Path) -> Iterator[Opener]:
-    opened: list[TestClient] = []
-
-    def open_(engine: FakeEngine, **options: Any) -> tuple[TestClient, OpenAI]:
-        host = ModelHost(lambda spec: engine, max_queue=4, engine=engine)
-        app = create_app(host, store=Store(tmp_path), options=ServerOptions(**options))
-        tc = TestClient(app, raise_server_exceptions=False)
-        tc.__enter__()
-        opened.append(tc)
-        return tc, OpenAI(base_url="http://testserver/v1", api_key="x", http_client=tc,
-                          max_retries=0)
-
-    yield open_
-    for tc in opened:
-        tc.__exit__(None, None, None)
 
 
 def close(tc: TestClient) -> None:
@@ -74,8 +53,8 @@ def output_lines(sdk: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
 # -- files ------------------------------------------------------------------------------------
 
 
-def test_files_upload_list_retrieve_content_delete(open_app: Opener) -> None:
-    _tc, sdk = open_app(FakeEngine())
+def test_files_upload_list_retrieve_content_delete(open_sdk: OpenSdk) -> None:
+    _tc, sdk = open_sdk(FakeEngine())
     data = jsonl([chat_line(0)])
     f = sdk.files.create(file=("in.jsonl", data), purpose="batch")
     assert f.id.startswith("file-") and f.bytes == len(data) and f.filename == "in.jsonl"
@@ -89,8 +68,8 @@ def test_files_upload_list_retrieve_content_delete(open_app: Opener) -> None:
             call()
 
 
-def test_an_oversize_file_is_a_413_and_leaves_nothing(open_app: Opener, tmp_path: Path) -> None:
-    tc, sdk = open_app(FakeEngine(), max_file_size=1000)
+def test_an_oversize_file_is_a_413_and_leaves_nothing(open_sdk: OpenSdk, tmp_path: Path) -> None:
+    tc, sdk = open_sdk(FakeEngine(), ServerOptions(max_file_size=1000))
     with pytest.raises(openai.APIStatusError) as info:
         sdk.files.create(file=("big.jsonl", b"x" * 5000), purpose="batch")
     assert info.value.status_code == 413
@@ -108,9 +87,9 @@ def test_an_oversize_file_is_a_413_and_leaves_nothing(open_app: Opener, tmp_path
     ({"data": {"purpose": "batch", "file": "text, not a file"}}, "file"),
     ({"json": {"purpose": "batch"}}, None),
 ], ids=["no-purpose", "bad-purpose", "not-a-file", "json"])
-def test_bad_uploads_are_400s(open_app: Opener, kwargs: dict[str, Any],
+def test_bad_uploads_are_400s(open_sdk: OpenSdk, kwargs: dict[str, Any],
                               param: str | None) -> None:
-    tc, _sdk = open_app(FakeEngine())
+    tc, _sdk = open_sdk(FakeEngine())
     if "data" in kwargs and "files" not in kwargs:
         # a multipart body without a file part
         kwargs = {"files": {"purpose": (None, "batch"), "file": (None, "text")}}
@@ -122,8 +101,8 @@ def test_bad_uploads_are_400s(open_app: Opener, kwargs: dict[str, Any],
 # -- batches ----------------------------------------------------------------------------------
 
 
-def test_a_batch_runs_every_line_into_openai_line_format(open_app: Opener) -> None:
-    _tc, sdk = open_app(FakeEngine(parallel=2))
+def test_a_batch_runs_every_line_into_openai_line_format(open_sdk: OpenSdk) -> None:
+    _tc, sdk = open_sdk(FakeEngine(parallel=2))
     lines = [chat_line(i) for i in range(6)]
     lines[3]["body"] = {"messages": []}  # the endpoint refuses it: a failed line
     f = sdk.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
@@ -148,8 +127,8 @@ def test_a_batch_runs_every_line_into_openai_line_format(open_app: Opener) -> No
     assert [b.id for b in sdk.batches.list()] == [batch.id]
 
 
-def test_a_responses_batch(open_app: Opener) -> None:
-    _tc, sdk = open_app(FakeEngine())
+def test_a_responses_batch(open_sdk: OpenSdk) -> None:
+    _tc, sdk = open_sdk(FakeEngine())
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
               "body": {"input": f"q{i}"}} for i in range(2)]
     f = sdk.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
@@ -172,9 +151,9 @@ def test_a_responses_batch(open_app: Opener) -> None:
      b'"body": {"temperature": NaN}}\n', "line 1: not valid JSON"),
     (b"\n\n", "holds no requests"),
 ], ids=["json", "array", "duplicate", "url", "method", "body", "custom_id", "nan", "empty"])
-def test_malformed_input_is_a_400_naming_the_line(open_app: Opener, content: bytes,
+def test_malformed_input_is_a_400_naming_the_line(open_sdk: OpenSdk, content: bytes,
                                                   says: str) -> None:
-    _tc, sdk = open_app(FakeEngine())
+    _tc, sdk = open_sdk(FakeEngine())
     f = sdk.files.create(file=("in.jsonl", content), purpose="batch")
     with pytest.raises(openai.BadRequestError) as info:
         sdk.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
@@ -183,8 +162,8 @@ def test_malformed_input_is_a_400_naming_the_line(open_app: Opener, content: byt
     assert sdk.batches.list().data == []
 
 
-def test_unknown_endpoints_files_and_ids(open_app: Opener) -> None:
-    tc, sdk = open_app(FakeEngine())
+def test_unknown_endpoints_files_and_ids(open_sdk: OpenSdk) -> None:
+    tc, sdk = open_sdk(FakeEngine())
     f = sdk.files.create(file=("in.jsonl", jsonl([chat_line(0)])), purpose="batch")
     for endpoint in ("/v1/nope", "/v1/moderations"):
         r = tc.post("/v1/batches", json={"input_file_id": f.id, "endpoint": endpoint,
@@ -201,9 +180,9 @@ def test_unknown_endpoints_files_and_ids(open_app: Opener) -> None:
         sdk.batches.cancel("batch_nope")
 
 
-def test_cancel_stops_the_lines_and_keeps_what_finished(open_app: Opener) -> None:
+def test_cancel_stops_the_lines_and_keeps_what_finished(open_sdk: OpenSdk) -> None:
     engine = FakeEngine(script=Script(tokens=["x"] * 50, delay=0.01))
-    _tc, sdk = open_app(engine)
+    _tc, sdk = open_sdk(engine)
     f = sdk.files.create(file=("in.jsonl", jsonl([chat_line(i, max_tokens=50)
                                                   for i in range(20)])), purpose="batch")
     batch = sdk.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
@@ -220,9 +199,9 @@ def test_cancel_stops_the_lines_and_keeps_what_finished(open_app: Opener) -> Non
 
 
 def test_a_batch_stopped_halfway_resumes_on_the_same_dir_without_repeats(
-        open_app: Opener) -> None:
+        open_sdk: OpenSdk) -> None:
     slow = FakeEngine(script=Script(tokens=["x"] * 20, delay=0.01))
-    tc, sdk = open_app(slow)
+    tc, sdk = open_sdk(slow)
     f = sdk.files.create(file=("in.jsonl", jsonl([chat_line(i) for i in range(12)])),
                          purpose="batch")
     batch = sdk.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
@@ -231,7 +210,7 @@ def test_a_batch_stopped_halfway_resumes_on_the_same_dir_without_repeats(
     close(tc)  # the server stops: lines in flight are dropped unrecorded
     first_run = len(slow.requests)
     engine = FakeEngine()
-    _tc2, sdk2 = open_app(engine)
+    _tc2, sdk2 = open_sdk(engine)
     batch = finished(sdk2, batch.id)
     assert batch.status == "completed"
     out = output_lines(sdk2, batch.output_file_id)

@@ -3,52 +3,20 @@ events, its exception classes), on a store in a temporary data dir."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from openai import OpenAI
-from starlette.applications import Starlette
-from starlette.testclient import TestClient
 
-from llmserve.registry import ModelHost
-from llmserve.server.app import create_app
-from llmserve.store import Store
-from tests.conftest import requires_llama_cpp
+from tests.conftest import OpenSdk, requires_llama_cpp
 from tests.fakes import FakeEngine, Script
 from tests.polling import wait_until
 
-OpenClient = Callable[..., tuple[TestClient, OpenAI]]
-
-
-def _app(engine: FakeEngine, data_dir: Path | None) -> Starlette:
-    host = ModelHost(lambda spec: engine, max_queue=4, engine=engine)
-    return create_app(host, store=None if data_dir is None else Store(data_dir))
-
 
 @pytest.fixture
-def open_client(tmp_path: Path) -> Iterator[OpenClient]:
-    """Start an app (on ``tmp_path`` unless ``store=False``) and an SDK client over it."""
-    opened: list[TestClient] = []
-
-    def open_(engine: FakeEngine, *, store: bool = True) -> tuple[TestClient, OpenAI]:
-        tc = TestClient(_app(engine, tmp_path if store else None),
-                        raise_server_exceptions=False)
-        tc.__enter__()
-        opened.append(tc)
-        return tc, OpenAI(base_url="http://testserver/v1", api_key="x", http_client=tc,
-                          max_retries=0)
-
-    yield open_
-    for tc in opened:
-        tc.__exit__(None, None, None)
-
-
-@pytest.fixture
-def sdk(open_client: OpenClient, engine: FakeEngine) -> OpenAI:
-    return open_client(engine)[1]
+def sdk(open_sdk: OpenSdk, engine: FakeEngine) -> OpenAI:
+    return open_sdk(engine)[1]
 
 
 def test_create_answers_a_response_object_and_stores_it(sdk: OpenAI, engine: FakeEngine) -> None:
@@ -128,9 +96,9 @@ def test_stream_yields_typed_events_in_order_and_the_same_response(
 
 
 def test_a_failure_mid_stream_is_a_response_failed_event(
-        open_client: OpenClient) -> None:
+        open_sdk: OpenSdk) -> None:
     engine = FakeEngine(script=Script(fail_at=2))
-    tc, _sdk = open_client(engine)
+    tc, _sdk = open_sdk(engine)
     with tc.stream("POST", "/v1/responses", json={"input": "Hi", "stream": True}) as r:
         text = r.read().decode()
     assert "event: response.failed" in text
@@ -179,8 +147,8 @@ def test_input_items_delete_and_unknown_ids(sdk: OpenAI) -> None:
 ], ids=["web-search-tool", "tool_choice", "image", "function_call_output", "temperature",
         "background-stream", "background-unstored", "no-input"])
 def test_refused_requests_are_400s_naming_the_field(
-        open_client: OpenClient, engine: FakeEngine, body: dict[str, Any], param: str) -> None:
-    tc, _sdk = open_client(engine)
+        open_sdk: OpenSdk, engine: FakeEngine, body: dict[str, Any], param: str) -> None:
+    tc, _sdk = open_sdk(engine)
     r = tc.post("/v1/responses", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
@@ -197,9 +165,9 @@ def test_store_false_keeps_nothing(sdk: OpenAI) -> None:
         sdk.responses.retrieve(r.id)
 
 
-def test_no_store_answers_but_keeps_nothing(open_client: OpenClient,
+def test_no_store_answers_but_keeps_nothing(open_sdk: OpenSdk,
                                             engine: FakeEngine) -> None:
-    _tc, sdk = open_client(engine, store=False)
+    _tc, sdk = open_sdk(engine, store=False)
     r = sdk.responses.create(model="fake-model", input="Hi")
     assert r.output_text == "Hello, world!" and r.store is False
     for call in (lambda: sdk.responses.retrieve(r.id),
@@ -221,9 +189,9 @@ def test_background_runs_detached_and_is_polled(sdk: OpenAI) -> None:
     assert sdk.responses.retrieve(r.id).output_text == "Hello, world!"
 
 
-def test_background_cancel(open_client: OpenClient) -> None:
+def test_background_cancel(open_sdk: OpenSdk) -> None:
     engine = FakeEngine(script=Script(tokens=["x"] * 200, delay=0.02))
-    _tc, sdk = open_client(engine)
+    _tc, sdk = open_sdk(engine)
     r = sdk.responses.create(model="fake-model", input="Hi", background=True)
     wait_until(lambda: engine.emitted, timeout=10, what="the first token")
     cancelled = sdk.responses.cancel(r.id)
@@ -236,10 +204,10 @@ def test_background_cancel(open_client: OpenClient) -> None:
 
 
 def test_stored_responses_survive_a_new_app_on_the_same_dir(
-        open_client: OpenClient, engine: FakeEngine) -> None:
-    _tc, first = open_client(engine)
+        open_sdk: OpenSdk, engine: FakeEngine) -> None:
+    _tc, first = open_sdk(engine)
     r = first.responses.create(model="fake-model", input="Hi")
-    _tc2, second = open_client(FakeEngine())
+    _tc2, second = open_sdk(FakeEngine())
     again = second.responses.retrieve(r.id)
     assert again.output_text == "Hello, world!"
     follow = second.responses.create(model="fake-model", input="more",

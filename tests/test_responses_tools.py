@@ -4,21 +4,15 @@ no tool format, so the generic one applies), driven by the official openai SDK."
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from openai import OpenAI
-from starlette.testclient import TestClient
 
-from llmserve.registry import ModelHost
-from llmserve.server.app import create_app
 from llmserve.server.chat_plan import ChatDefaults
 from llmserve.server.options import ServerOptions
-from llmserve.store import Store
-from tests.conftest import requires_llama_cpp
+from tests.conftest import OpenSdk, requires_llama_cpp
 from tests.fakes import FakeEngine, Script
 from tests.polling import wait_until
 
@@ -33,36 +27,14 @@ TWO_CALLS = ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Par
              '{"name": "get_weather", "arguments": {"city": "Rome"}}]}')
 THINKING = ("<thi", "nk>Let me", " think.</th", "ink>\n\nHi", "!")
 
-Open = Callable[..., tuple[TestClient, OpenAI]]
-
-
 @pytest.fixture
 def engine() -> FakeEngine:
     return FakeEngine(n_ctx=4096)  # one token per character: the tool prompt is long
 
 
 @pytest.fixture
-def open_app(tmp_path: Path) -> Iterator[Open]:
-    opened: list[TestClient] = []
-
-    def open_(engine: FakeEngine, options: ServerOptions | None = None
-              ) -> tuple[TestClient, OpenAI]:
-        host = ModelHost(lambda spec: engine, max_queue=4, engine=engine)
-        tc = TestClient(create_app(host, options=options, store=Store(tmp_path)),
-                        raise_server_exceptions=False)
-        tc.__enter__()
-        opened.append(tc)
-        return tc, OpenAI(base_url="http://testserver/v1", api_key="x", http_client=tc,
-                          max_retries=0)
-
-    yield open_
-    for tc in opened:
-        tc.__exit__(None, None, None)
-
-
-@pytest.fixture
-def sdk(open_app: Open, engine: FakeEngine) -> OpenAI:
-    return open_app(engine)[1]
+def sdk(open_sdk: OpenSdk, engine: FakeEngine) -> OpenAI:
+    return open_sdk(engine)[1]
 
 
 def _calls(response: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -214,8 +186,8 @@ def test_forced_tool_choice_constrains_with_a_grammar(
     assert sampling.grammar_triggers == ()  # forced: from the first token
 
 
-def test_reasoning_is_a_reasoning_item(open_app: Open, engine: FakeEngine) -> None:
-    _tc, sdk = open_app(engine, ServerOptions(chat=ChatDefaults(reasoning_format="deepseek")))
+def test_reasoning_is_a_reasoning_item(open_sdk: OpenSdk, engine: FakeEngine) -> None:
+    _tc, sdk = open_sdk(engine, ServerOptions(chat=ChatDefaults(reasoning_format="deepseek")))
     engine.script = Script(tokens=THINKING)
     r = sdk.responses.create(model="m", input="Hi")
     assert [i.type for i in r.output] == ["reasoning", "message"]
@@ -272,9 +244,9 @@ def test_reasoning_is_a_reasoning_item(open_app: Open, engine: FakeEngine) -> No
                  id="item-reference"),
 ])
 def test_bad_tools_are_400s_naming_the_field_before_any_token(
-        open_app: Open, engine: FakeEngine, body: dict[str, Any], param: str, says: str
+        open_sdk: OpenSdk, engine: FakeEngine, body: dict[str, Any], param: str, says: str
 ) -> None:
-    tc, _sdk = open_app(engine)
+    tc, _sdk = open_sdk(engine)
     r = tc.post("/v1/responses", json={"input": "x", **body})
     assert r.status_code == 400, r.text
     error = r.json()["error"]

@@ -20,7 +20,7 @@ from llmserve.chat import _finished_blocks, parse_value, read_messages, stream_t
 from llmserve.client import Client, HttpTransport
 from llmserve.errors import ModelUnavailable, ServerError, ServerUnreachable
 from llmserve.local import LocalTransport
-from tests.conftest import free_port
+from tests.conftest import free_port, requires_llama_cpp
 from tests.fakes import FakeEngine, Script
 from tests.polling import wait_until
 
@@ -165,6 +165,7 @@ def test_ask_no_stream_prints_the_whole_answer(served: Client) -> None:
     assert (r.exit_code, r.stdout) == (0, "Hello, world!\n")
 
 
+@requires_llama_cpp  # the schema is compiled by llama_cpp's converter
 def test_ask_json_schema_reaches_the_engine_as_a_grammar(served: Client, engine: FakeEngine,
                                                         tmp_path: Path) -> None:
     schema = tmp_path / "schema.json"
@@ -451,15 +452,12 @@ def test_repl_reports_errors_and_keeps_going(local: Client, engine: FakeEngine,
 
 
 @pytest.fixture
-def served_store(engine: FakeEngine, tmp_path: Path,
+def served_store(make_app: Callable[..., Starlette], engine: FakeEngine, tmp_path: Path,
                  monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
     """Every client command reaches an in-process app that has a data dir (Files, Batches)."""
-    from llmserve.registry import ModelHost
-    from llmserve.server.app import create_app
     from llmserve.store import Store
 
-    host = ModelHost(lambda spec: engine, max_queue=4, engine=engine)
-    client = Client(LocalTransport(create_app(host, store=Store(tmp_path / "data"))))
+    client = Client(LocalTransport(make_app(engine, store=Store(tmp_path / "data"))))
     monkeypatch.setattr(Client, "connect", classmethod(lambda cls, url=None, api_key=None: client))
     monkeypatch.setattr(client, "close", lambda: None)
     yield client
