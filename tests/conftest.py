@@ -167,6 +167,14 @@ def start_server(demo_model: Path) -> Iterator[Callable[..., ServerProcess]]:
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def tool_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """The demo model with a Hermes/Qwen 2.5-style tool template (tests/fixtures); one thread:
+    on a shared, loaded CPU two spinning threads ran 50x slower (0.4 vs 19 tok/s)."""
+    template = Path(__file__).parent / "fixtures" / "hermes_tools.jinja"
+    return start_server("--threads", "1", "--chat-template", str(template))
+
+
 @pytest.fixture(scope="session")
 def real_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
     """One shared server (2 slots, queue 4) for the tests that only need a working endpoint."""

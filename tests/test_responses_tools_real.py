@@ -5,44 +5,20 @@ tool choice is a grammar, so the calls parse and validate whatever the model wou
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jsonschema
-import openai
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.test_tool_calls_real import TOOLS as CHAT_TOOLS
+from tests.test_tool_calls_real import _client
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(600)]
 
-FIXTURES = Path(__file__).parent / "fixtures"
-WEATHER_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 24},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-}
-TOOLS: list[Any] = [
-    {"type": "function", "name": "get_weather", "description": "Weather in a city",
-     "parameters": WEATHER_SCHEMA},
-    {"type": "function", "name": "get_time", "description": "The time now",
-     "parameters": {"type": "object", "properties": {}}},
-]
+# the same tools as the chat tests, in the Responses shape (flat: no "function" wrapper)
+TOOLS: list[Any] = [{"type": "function", **tool["function"]} for tool in CHAT_TOOLS]
 ASK = "What is the weather in Paris?"
-
-
-@pytest.fixture(scope="module")
-def tool_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    return start_server("--threads", "1", "--chat-template", str(FIXTURES / "hermes_tools.jinja"))
-
-
-def _client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x",
-                         max_retries=0, timeout=120)
 
 
 def _checked_calls(response: Any) -> list[tuple[str, str]]:

@@ -39,12 +39,6 @@ ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def tool_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    # one thread: on a shared, loaded CPU two spinning threads ran 50x slower (0.4 vs 19 tok/s)
-    return start_server("--threads", "1", "--chat-template", str(FIXTURES / "hermes_tools.jinja"))
-
-
-@pytest.fixture(scope="module")
 def think_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
     return start_server("--threads", "1", "--chat-template",
                         str(FIXTURES / "qwen3_thinking.jinja"))
