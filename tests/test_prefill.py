@@ -85,9 +85,22 @@ def test_apply_template_shows_the_prefilled_prompt(client: TestClient) -> None:
     assert r.json()["prompt"] == "<user>Hi<assistant>Sure: "
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v0/chat/completions"])
-def test_a_misplaced_prefix_is_a_400(client: TestClient, engine: FakeEngine, path: str) -> None:
-    r = client.post(path, json={"messages": [{**USER, "prefix": True}]})
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {}),
+    ("/api/v0/chat/completions", {}),
+    ("/apply-template", {}),
+], ids=["openai", "lmstudio", "apply-template"])
+@pytest.mark.parametrize(("messages", "param"), [
+    ([{**USER, "prefix": True}], "messages[0].prefix"),
+    ([USER, {"role": "assistant", "content": "a", "prefix": "yes"}], "messages[1].prefix"),
+], ids=["misplaced", "not-a-bool"])
+def test_a_bad_prefix_is_a_400_on_every_chat_route(
+    client: TestClient, engine: FakeEngine, path: str, body: dict[str, Any],
+    messages: list[dict[str, Any]], param: str,
+) -> None:
+    """The routes whose messages take OpenAI's fields. Ollama's messages have no `prefix` (its
+    /api/chat continues a trailing assistant message, as Ollama does)."""
+    r = client.post(path, json={**body, "messages": messages})
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == "messages[0].prefix"
+    assert r.json()["error"]["param"] == param
     assert engine.requests == []
